@@ -1,0 +1,75 @@
+"""In-process ONNX Runtime backend (the embedded default)."""
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+import onnxruntime as ort
+
+from server.backends.base import BackendError
+
+
+class OnnxRuntimeBackend:
+    """Loads `<repository>/<model>/1/model.onnx` on first use and runs it.
+
+    CUDA / TensorRT execution providers are used when the installed onnxruntime offers them.
+    """
+
+    name = "onnxruntime"
+
+    def __init__(self, repository: Path | str, threads: int = 0, providers: list[str] | None = None) -> None:
+        self.repository = Path(repository)
+        self.threads = threads
+        available = ort.get_available_providers()
+        preferred = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+        self.providers = providers or [p for p in preferred if p in available]
+        self._sessions: dict[str, ort.InferenceSession] = {}
+        self._input_types: dict[str, dict[str, np.dtype]] = {}
+        self._lock = threading.Lock()
+
+    def session(self, model: str) -> ort.InferenceSession:
+        sess = self._sessions.get(model)
+        if sess is not None:
+            return sess
+        with self._lock:
+            sess = self._sessions.get(model)
+            if sess is None:
+                path = self.repository / model / "1" / "model.onnx"
+                if not path.is_file():
+                    raise BackendError(f"model {model!r} not found at {path}; run `python -m server models build`")
+                opts = ort.SessionOptions()
+                opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+                if self.threads:
+                    opts.intra_op_num_threads = self.threads
+                opts.inter_op_num_threads = 1
+                sess = ort.InferenceSession(str(path), sess_options=opts, providers=self.providers)
+                self._input_types[model] = {
+                    i.name: np.dtype(_ORT_TYPES.get(i.type, np.float32)) for i in sess.get_inputs()
+                }
+                self._sessions[model] = sess
+        return sess
+
+    def run(self, model: str, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        sess = self.session(model)
+        types = self._input_types[model]
+        feed = {k: np.ascontiguousarray(v, dtype=types.get(k, v.dtype)) for k, v in inputs.items()}
+        names = [o.name for o in sess.get_outputs()]
+        try:
+            outs = sess.run(names, feed)
+        except Exception as exc:  # onnxruntime raises its own untyped errors
+            raise BackendError(f"{model}: {exc}") from exc
+        return dict(zip(names, outs))
+
+    def close(self) -> None:
+        self._sessions.clear()
+
+
+_ORT_TYPES = {
+    "tensor(float)": np.float32,
+    "tensor(uint8)": np.uint8,
+    "tensor(int64)": np.int64,
+    "tensor(int32)": np.int32,
+    "tensor(float16)": np.float16,
+}

@@ -1,0 +1,333 @@
+"""Benchmarks and accuracy on the dev set.
+
+    python -m server.bench pipeline [--facedata ../shared/facedata/dev] [--threads 2] [--out FILE.json]
+
+Prints markdown tables: embedder faces/s by batch size, detector median ms by image, verification
+accuracy / ROC AUC on pairs.csv (per source), detection recall / precision on detection_gt.json,
+and the similarity calibration (c0, c1) used by the API.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import statistics
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from server.config import Settings
+
+DEFAULT_FACEDATA = Path(__file__).resolve().parents[1].parent / "shared" / "facedata" / "dev"
+
+
+def _median_ms(fn, repeat: int, warmup: int = 2) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t) * 1000.0)
+    return statistics.median(times)
+
+
+def bench_embedder(pipeline, batches=(1, 8, 32, 64), seconds: float = 3.0) -> list[dict]:
+    rng = np.random.default_rng(0)
+    rows = []
+    for n in batches:
+        chips = rng.integers(0, 256, (n, 150, 150, 3), dtype=np.uint8)
+        pipeline.embed_chips(chips)
+        reps = max(3, int(seconds * 300 / n / 10))
+        ms = _median_ms(lambda: pipeline.embed_chips(chips), reps)
+        rows.append({"batch": n, "ms_per_batch": ms, "faces_per_s": n / ms * 1000.0})
+    return rows
+
+
+def _fit(img: np.ndarray, w: int, h: int) -> np.ndarray:
+    """Centre-crop to the w:h aspect, then resize to w x h."""
+    ih, iw = img.shape[:2]
+    target = w / h
+    if iw / ih > target:
+        cw = int(ih * target)
+        img = img[:, (iw - cw) // 2:(iw - cw) // 2 + cw]
+    else:
+        ch = int(iw / target)
+        img = img[(ih - ch) // 2:(ih - ch) // 2 + ch]
+    interp = cv2.INTER_AREA if img.shape[1] > w else cv2.INTER_LINEAR
+    return np.ascontiguousarray(cv2.resize(img, (w, h), interpolation=interp))
+
+
+def detector_images(facedata: Path | None) -> dict[str, np.ndarray]:
+    from server.imaging import decode_image
+
+    if facedata and facedata.is_dir():
+        one = decode_image((facedata / "deepface/tests/unit/dataset/img2.jpg").read_bytes())
+        many = decode_image((facedata / "CompreFace/embedding-calculator/sample_images/015_6.jpg").read_bytes())
+    else:  # no dev photos: the astronaut alone and tiled
+        from skimage.data import astronaut
+
+        one = astronaut()
+        many = np.tile(astronaut()[::2, ::2], (2, 3, 1))
+    return {
+        "640x480, 1 face": _fit(one, 640, 480),
+        "640x480, many faces": _fit(many, 640, 480),
+        "1920x1080, 1 face": _fit(one, 1920, 1080),
+        "1920x1080, many faces": _fit(many, 1920, 1080),
+    }
+
+
+def bench_detector(pipeline, images: dict[str, np.ndarray], repeat: int = 15) -> list[dict]:
+    rows = []
+    for name, img in images.items():
+        det = pipeline.detector.detect(img)
+        n = int((det.probs > 0.85).sum())
+        rows.append({"image": name, "faces": n, "detect_ms": _median_ms(lambda: pipeline.detector.detect(img), repeat),
+                     "faces_call_ms": _median_ms(lambda: pipeline.faces(img), max(5, repeat // 2))})
+    return rows
+
+
+# ---------------------------------------------------------------- verification
+
+
+def describe_images(pipeline, facedata: Path, names: list[str]) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """Largest face per image (fallback: the whole image as a chip, like dlib's baseline)."""
+    from server.imaging import decode_image
+
+    out, how = {}, {}
+    for name in names:
+        img = decode_image((facedata / name).read_bytes())
+        faces = pipeline.faces(img, det_prob_threshold=0.0, limit=1)
+        if faces:
+            out[name], how[name] = faces[0].embedding, "detected"
+        else:
+            out[name], how[name] = pipeline.embed_chip(img), "whole"
+    return out, how
+
+
+def roc_auc(scores: np.ndarray, labels: np.ndarray) -> float:
+    """Probability that a random genuine pair scores above a random impostor pair (ties count half)."""
+    pos, neg = scores[labels == 1], scores[labels == 0]
+    if len(pos) == 0 or len(neg) == 0:
+        return float("nan")
+    order = np.argsort(np.concatenate([pos, neg]), kind="mergesort")
+    ranks = np.empty(len(order))
+    allv = np.concatenate([pos, neg])[order]
+    # average ranks for ties
+    i = 0
+    while i < len(allv):
+        j = i
+        while j + 1 < len(allv) and allv[j + 1] == allv[i]:
+            j += 1
+        ranks[order[i:j + 1]] = (i + j) / 2 + 1
+        i = j + 1
+    return float((ranks[: len(pos)].sum() - len(pos) * (len(pos) + 1) / 2) / (len(pos) * len(neg)))
+
+
+def best_threshold(dist: np.ndarray, same: np.ndarray) -> tuple[float, float]:
+    """Threshold on distance (same if d <= t) maximising accuracy."""
+    cand = np.unique(dist)
+    best = (0.0, 0.0)
+    for t in cand:
+        acc = float(((dist <= t) == (same == 1)).mean())
+        if acc > best[0]:
+            best = (acc, float(t))
+    return best
+
+
+def eer_threshold(dist: np.ndarray, same: np.ndarray) -> float:
+    """Distance where false accept rate equals false reject rate."""
+    cand = np.unique(dist)
+    gen, imp = dist[same == 1], dist[same == 0]
+    diffs = [abs((imp <= t).mean() - (gen > t).mean()) for t in cand]
+    return float(cand[int(np.argmin(diffs))])
+
+
+def calibrate(dist_norm: np.ndarray, same: np.ndarray) -> tuple[float, float]:
+    """c0 = the EER distance (similarity 0.5 there); c1 from a logistic fit of same ~ tanh((c0-d)c1)."""
+    c0 = eer_threshold(dist_norm, same)
+    # similarity s = (tanh((c0-d)c1)+1)/2 = sigmoid(2 c1 (c0-d)): fit the slope by 1-D maximum likelihood
+    x = c0 - dist_norm
+    best_ll, c1 = -math.inf, 1.0
+    for cand in np.linspace(0.5, 30, 400):
+        p = np.clip(1 / (1 + np.exp(-2 * cand * x)), 1e-9, 1 - 1e-9)
+        ll = float(np.sum(same * np.log(p) + (1 - same) * np.log(1 - p)))
+        if ll > best_ll:
+            best_ll, c1 = ll, float(cand)
+    return c0, c1
+
+
+def bench_verification(pipeline, facedata: Path, settings: Settings) -> dict:
+    rows = list(csv.DictReader(open(facedata / "pairs_detail.csv")))
+    names = sorted({r["image_a"] for r in rows} | {r["image_b"] for r in rows})
+    t = time.perf_counter()
+    emb, how = describe_images(pipeline, facedata, names)
+    elapsed = time.perf_counter() - t
+    a = np.stack([emb[r["image_a"]] for r in rows])
+    b = np.stack([emb[r["image_b"]] for r in rows])
+    same = np.array([int(r["same"]) for r in rows])
+    raw = np.linalg.norm(a - b, axis=1)
+    na = a / np.linalg.norm(a, axis=1, keepdims=True)
+    nb = b / np.linalg.norm(b, axis=1, keepdims=True)
+    norm = np.linalg.norm(na - nb, axis=1)
+    c0, c1 = calibrate(norm, same)
+    sim_default = (np.tanh((settings.similarity_c0 - norm) * settings.similarity_c1) + 1) / 2
+    groups: dict[str, list[int]] = defaultdict(list)
+    for i, r in enumerate(rows):
+        groups["ALL"].append(i)
+        if r["source_a"] != "orl-att-faces" or r["source_b"] != "orl-att-faces":
+            groups["ALL excl. ORL"].append(i)
+        groups[r["source_a"] if r["source_a"] == r["source_b"] else "cross-source"].append(i)
+    table = []
+    for g, idx in sorted(groups.items(), key=lambda kv: (kv[0] != "ALL", kv[0] != "ALL excl. ORL", kv[0])):
+        idx = np.array(idx)
+        s, d, dn = same[idx], raw[idx], norm[idx]
+        acc, thr = best_threshold(d, s)
+        table.append({
+            "group": g, "genuine": int(s.sum()), "impostor": int((1 - s).sum()),
+            "acc_raw_0.6": float(((d <= 0.6) == (s == 1)).mean()),
+            "acc_similarity_0.5": float(((sim_default[idx] >= 0.5) == (s == 1)).mean()),
+            "best_acc": acc, "best_thr_raw": thr, "auc": roc_auc(-d, s),
+        })
+    return {"pairs": len(rows), "images": len(names), "seconds": elapsed,
+            "faces_detected": sum(v == "detected" for v in how.values()),
+            "whole_image_fallback": sorted(k for k, v in how.items() if v == "whole"),
+            "calibrated_c0_c1": [c0, c1], "settings_c0_c1": [settings.similarity_c0, settings.similarity_c1],
+            "groups": table}
+
+
+# ---------------------------------------------------------------- detection
+
+
+def iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """IoU matrix between (n,4) and (m,4) x_min,y_min,x_max,y_max boxes."""
+    x1 = np.maximum(a[:, None, 0], b[None, :, 0])
+    y1 = np.maximum(a[:, None, 1], b[None, :, 1])
+    x2 = np.minimum(a[:, None, 2], b[None, :, 2])
+    y2 = np.minimum(a[:, None, 3], b[None, :, 3])
+    inter = np.clip(x2 - x1, 0, None) * np.clip(y2 - y1, 0, None)
+    area = lambda z: (z[:, 2] - z[:, 0]) * (z[:, 3] - z[:, 1])  # noqa: E731
+    return inter / np.maximum(area(a)[:, None] + area(b)[None, :] - inter, 1e-9)
+
+
+def greedy_matches(gt: np.ndarray, det: np.ndarray, thr: float) -> int:
+    if len(gt) == 0 or len(det) == 0:
+        return 0
+    m = iou(gt, det)
+    matched = 0
+    while True:
+        i, j = np.unravel_index(np.argmax(m), m.shape)
+        if m[i, j] < thr:
+            return matched
+        matched += 1
+        m[i, :] = -1
+        m[:, j] = -1
+
+
+def bench_detection(pipeline, facedata: Path, threshold: float) -> dict:
+    from server.imaging import decode_image
+
+    gt = json.loads((facedata / "detection_gt.json").read_text())
+    tp = {0.4: 0, 0.3: 0}
+    n_gt = n_det = 0
+    zero_imgs = zero_fp = 0
+    count_err, count_exact, count_n = [], 0, 0
+    for name, info in sorted(gt.items()):
+        img = decode_image((facedata / name).read_bytes())
+        faces = pipeline.faces(img, det_prob_threshold=threshold, embed=False)
+        det = np.array([f.box for f in faces], float).reshape(-1, 4)
+        if info.get("face_count") == 0:
+            zero_imgs += 1
+            zero_fp += int(len(faces) > 0)
+        if info.get("boxes"):
+            g = np.array(info["boxes"], float).reshape(-1, 4)
+            n_gt += len(g)
+            n_det += len(det)
+            for thr in tp:
+                tp[thr] += greedy_matches(g, det, thr)
+        elif info.get("face_count") is not None and info.get("face_count") > 0:
+            count_n += 1
+            count_err.append(abs(len(faces) - info["face_count"]))
+            count_exact += int(len(faces) == info["face_count"])
+    return {
+        "threshold": threshold, "gt_boxes": n_gt, "detections": n_det,
+        "recall@0.4": tp[0.4] / max(n_gt, 1), "precision@0.4": tp[0.4] / max(n_det, 1),
+        "recall@0.3": tp[0.3] / max(n_gt, 1), "precision@0.3": tp[0.3] / max(n_det, 1),
+        "zero_face_images": zero_imgs, "zero_face_images_with_detection": zero_fp,
+        "count_only_images": count_n, "count_mae": float(np.mean(count_err)) if count_err else None,
+        "count_exact": count_exact / max(count_n, 1),
+    }
+
+
+# ---------------------------------------------------------------- report
+
+
+def _table(rows: list[dict], fmt: dict[str, str] | None = None) -> str:
+    if not rows:
+        return ""
+    fmt = fmt or {}
+    keys = list(rows[0])
+    out = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    for r in rows:
+        out.append("| " + " | ".join(format(r[k], fmt.get(k, ".4g" if isinstance(r[k], float) else ""))
+                                     for k in keys) + " |")
+    return "\n".join(out)
+
+
+def run_pipeline_bench(args: argparse.Namespace) -> dict:
+    from server.backends.onnxruntime import OnnxRuntimeBackend
+    from server.models.repository import ensure_built
+    from server.pipeline import FacePipeline
+
+    settings = Settings.from_env(model_dir=args.model_dir)
+    ensure_built(settings.model_dir)
+    pipeline = FacePipeline.from_settings(settings, backend=OnnxRuntimeBackend(settings.model_dir, threads=args.threads))
+    facedata = Path(args.facedata)
+    have_data = facedata.is_dir()
+    report: dict = {"threads": args.threads}
+    print(f"# pipeline benchmark ({args.threads} inference threads)\n")
+    report["embedder"] = bench_embedder(pipeline)
+    print("## embedder\n" + _table(report["embedder"], {"ms_per_batch": ".1f", "faces_per_s": ".0f"}) + "\n")
+    report["detector"] = bench_detector(pipeline, detector_images(facedata if have_data else None))
+    print("## detector (median ms)\n" + _table(report["detector"], {"detect_ms": ".1f", "faces_call_ms": ".1f"}) + "\n")
+    if not have_data:
+        print(f"(no dev photos at {facedata}: verification and detection accuracy skipped)")
+        return report
+    if not args.skip_accuracy:
+        v = bench_verification(pipeline, facedata, settings)
+        report["verification"] = v
+        print(f"## verification on pairs.csv ({v['pairs']} pairs, {v['images']} images, {v['seconds']:.1f} s; "
+              f"whole-image fallback for {len(v['whole_image_fallback'])} images)\n")
+        print(_table(v["groups"], {"acc_raw_0.6": ".4f", "acc_similarity_0.5": ".4f", "best_acc": ".4f",
+                                   "best_thr_raw": ".3f", "auc": ".5f"}))
+        print(f"\ncalibrated similarity coefficients on dev pairs: c0={v['calibrated_c0_c1'][0]:.6f} "
+              f"c1={v['calibrated_c0_c1'][1]:.6f} (settings use {v['settings_c0_c1']})\n")
+        d = bench_detection(pipeline, facedata, settings.det_prob_threshold)
+        report["detection"] = d
+        print("## detection on detection_gt.json\n" + _table([d]) + "\n")
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m server.bench")
+    sub = parser.add_subparsers(dest="what", required=True)
+    p = sub.add_parser("pipeline", help="embedder/detector speed, verification and detection accuracy")
+    p.add_argument("--facedata", default=str(DEFAULT_FACEDATA))
+    p.add_argument("--model-dir", default=None)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--skip-accuracy", action="store_true")
+    p.add_argument("--out", help="also write the report as JSON")
+    args = parser.parse_args(argv)
+    report = run_pipeline_bench(args)
+    if args.out:
+        Path(args.out).write_text(json.dumps(report, indent=2, default=float))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,106 @@
+"""Image bytes -> validated RGB uint8 array (EXIF orientation applied).
+
+Every failure raises an `ImageError` subclass, which the API renders as CompreFace's
+error 28; nothing here may crash or hang on hostile bytes.
+"""
+from __future__ import annotations
+
+import io
+import struct
+import warnings
+
+import numpy as np
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+# Formats CompreFace accepts (by file extension, checked by the API).
+ALLOWED_EXTENSIONS = frozenset({"tif", "tiff", "jpg", "jpeg", "png", "bmp", "ico", "gif", "webp"})
+# Formats Pillow may open for us: anything else (PSD, EPS, ...) is refused before decoding.
+# PPM/PGM is not accepted by the API's extension rule but is decoded for evaluation data.
+Image.init()
+_PIL_FORMATS = [f for f in ("JPEG", "PNG", "BMP", "DIB", "GIF", "TIFF", "WEBP", "ICO", "MPO", "PPM")
+                if f in Image.OPEN]
+
+MAX_PIXELS = 100_000_000  # decompression-bomb guard
+MAX_ASPECT_RATIO = 50  # 1 x 10000 strips are not photos of faces
+
+ImageFile.LOAD_TRUNCATED_IMAGES = False
+# Pillow's own guard would warn at MAX_PIXELS and fail at twice that; we check ourselves first.
+Image.MAX_IMAGE_PIXELS = MAX_PIXELS
+
+
+class ImageError(ValueError):
+    """The bytes are not an image we can use."""
+
+
+class EmptyImage(ImageError):
+    pass
+
+
+class UnsupportedImage(ImageError):
+    pass
+
+
+class CorruptImage(ImageError):
+    pass
+
+
+class ImageTooLarge(ImageError):
+    pass
+
+
+def extension_allowed(filename: str | None) -> bool:
+    """CompreFace's rule: the file name must end in an allowed extension."""
+    if not filename or "." not in filename:
+        return False
+    return filename.rsplit(".", 1)[1].lower() in ALLOWED_EXTENSIONS
+
+
+def decode_image(data: bytes) -> np.ndarray:
+    """Decode image bytes to an HxWx3 uint8 RGB array (first frame, EXIF orientation applied)."""
+    if not data:
+        raise EmptyImage("the image is empty")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data), formats=_PIL_FORMATS)
+            _check_size(img.size)
+            img.seek(0)  # animated / multi-page: the first frame
+            img.load()
+            img = ImageOps.exif_transpose(img) or img
+    except ImageError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageTooLarge(str(exc)) from exc
+    except UnidentifiedImageError as exc:
+        raise UnsupportedImage("the data is not a supported image format") from exc
+    except (OSError, SyntaxError, ValueError, EOFError, IndexError, KeyError, TypeError, struct.error, MemoryError) as exc:
+        raise CorruptImage(f"the image cannot be decoded: {exc}") from exc
+    _check_size(img.size)
+    return to_rgb_array(img)
+
+
+def to_rgb_array(img: Image.Image) -> np.ndarray:
+    """Any Pillow mode (palette, RGBA, grayscale, 16/32-bit, CMYK) -> HxWx3 uint8 RGB."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        arr = np.asarray(img)
+        if arr.dtype != np.uint8:
+            # 16-bit samples: keep the top 8 bits; 32-bit integer images are treated as 16-bit data
+            arr = np.clip(arr.astype(np.int64) >> 8 if arr.max(initial=0) > 255 else arr, 0, 255).astype(np.uint8)
+        return np.ascontiguousarray(np.repeat(arr[:, :, None], 3, axis=2))
+    if img.mode == "F":
+        arr = np.clip(np.asarray(img), 0, 255).astype(np.uint8)
+        return np.ascontiguousarray(np.repeat(arr[:, :, None], 3, axis=2))
+    if img.mode != "RGB":
+        img = img.convert("RGB")
+    return np.ascontiguousarray(np.asarray(img, dtype=np.uint8))
+
+
+def _check_size(size: tuple[int, int]) -> None:
+    w, h = size
+    if w <= 0 or h <= 0:
+        raise EmptyImage(f"the image has no pixels ({w}x{h})")
+    if w * h > MAX_PIXELS:
+        raise ImageTooLarge(f"the image has {w}x{h} pixels, more than {MAX_PIXELS}")
+    if max(w, h) > MAX_ASPECT_RATIO * min(w, h) and max(w, h) > 64:
+        raise UnsupportedImage(f"the image's aspect ratio {w}x{h} is not plausible for a photo")
+

@@ -1,0 +1,111 @@
+"""The face pipeline: detect -> align -> embed, behind one small interface the API calls.
+
+    pipeline = FacePipeline.from_settings(settings)
+    faces = pipeline.faces(rgb, det_prob_threshold=0.85, limit=0)   # list[Face], biggest first
+    vec = pipeline.embed_chip(rgb)                                   # detect_faces=false
+
+Models are reached only through a Backend (server/backends), so a micro-batcher or a remote
+Triton server can stand in for in-process ONNX Runtime without this module changing.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from server.backends.base import Backend
+from server.config import Settings
+
+EMBEDDER = "face_embedder"
+SHAPE_PREDICTOR_FILE = "shape_predictor_5.npz"
+CHIP_SIZE = 150
+
+
+@dataclass
+class Face:
+    """One face in original image pixels."""
+
+    box: tuple[int, int, int, int]  # x_min, y_min, x_max, y_max
+    probability: float
+    landmarks: np.ndarray  # (5, 2) MTCNN points: left eye, right eye, nose, mouth left, mouth right
+    embedding: np.ndarray | None = None  # (128,) raw dlib descriptor, not normalised
+    timings_ms: dict[str, float] = field(default_factory=dict)  # stage -> ms, shared by the request
+
+    @property
+    def area(self) -> int:
+        return max(0, self.box[2] - self.box[0]) * max(0, self.box[3] - self.box[1])
+
+
+class FacePipeline:
+    def __init__(self, backend: Backend, shape_predictor, detector) -> None:
+        self.backend = backend
+        self.shape_predictor = shape_predictor
+        self.detector = detector
+
+    @classmethod
+    def from_settings(cls, settings: Settings, backend: Backend | None = None) -> "FacePipeline":
+        from server.backends import create_backend
+        from server.pipeline.alignment import ShapePredictor
+        from server.pipeline.detector import MtcnnDetector
+
+        backend = backend or create_backend(settings)
+        sp = ShapePredictor.load(Path(settings.model_dir) / SHAPE_PREDICTOR_FILE)
+        det = MtcnnDetector(backend, min_face_size=settings.min_face_size, max_side=settings.max_detect_side)
+        return cls(backend, sp, det)
+
+    def faces(self, image: np.ndarray, *, det_prob_threshold: float = 0.85, limit: int = 0,
+              embed: bool = True) -> list[Face]:
+        """Faces with probability > det_prob_threshold, biggest box first, at most `limit` (0: all)."""
+        t0 = time.perf_counter()
+        det = self.detector.detect(image)
+        keep = det.probs > det_prob_threshold  # CompreFace keeps a face only if strictly greater
+        boxes, probs, marks = det.boxes[keep], det.probs[keep], det.landmarks[keep]
+        h, w = image.shape[:2]
+        int_boxes = _int_boxes(boxes, w, h)
+        areas = (int_boxes[:, 2] - int_boxes[:, 0]) * (int_boxes[:, 3] - int_boxes[:, 1])
+        order = np.argsort(-areas, kind="stable")
+        if limit > 0:
+            order = order[:limit]
+        timings = {"detector": (time.perf_counter() - t0) * 1000.0}
+        faces = [
+            Face(box=tuple(int(v) for v in int_boxes[i]), probability=float(probs[i]),
+                 landmarks=marks[i].astype(np.float32), timings_ms=timings)
+            for i in order
+        ]
+        if embed and faces:
+            t1 = time.perf_counter()
+            descriptors = self.embed_faces(image, boxes[order])
+            for face, d in zip(faces, descriptors):
+                face.embedding = d
+            timings["calculator"] = (time.perf_counter() - t1) * 1000.0
+        return faces
+
+    def embed_faces(self, image: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+        """dlib-exact alignment of MTCNN boxes (re-map -> 5-point predictor -> chip), one embedder batch."""
+        from server.pipeline.alignment import face_chips, mtcnn_box_to_rect
+
+        rects = [mtcnn_box_to_rect(b) for b in boxes]
+        shapes = self.shape_predictor.predict_many(image, rects)
+        return self.embed_chips(face_chips(image, shapes))
+
+    def embed_chips(self, chips: np.ndarray) -> np.ndarray:
+        """(n,150,150,3) uint8 RGB chips -> (n,128) float32 descriptors, one backend call."""
+        if len(chips) == 0:
+            return np.zeros((0, 128), np.float32)
+        return self.backend.run(EMBEDDER, {"chips": chips})["descriptor"]
+
+    def embed_chip(self, image: np.ndarray) -> np.ndarray:
+        """CompreFace's detect_faces=false: the whole image is the face, resized to 150x150."""
+        chip = cv2.resize(image, (CHIP_SIZE, CHIP_SIZE), interpolation=cv2.INTER_AREA)
+        return self.embed_chips(chip[None])[0]
+
+
+def _int_boxes(boxes: np.ndarray, width: int, height: int) -> np.ndarray:
+    """Float MTCNN boxes -> integer pixel boxes clipped to the image."""
+    out = np.rint(boxes).astype(np.int64).reshape(-1, 4)
+    out[:, [0, 2]] = np.clip(out[:, [0, 2]], 0, width - 1)
+    out[:, [1, 3]] = np.clip(out[:, [1, 3]], 0, height - 1)
+    return out
