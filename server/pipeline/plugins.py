@@ -1,0 +1,431 @@
+"""Face plugins: CompreFace's `face_plugins` (landmarks, calculator, pose, age, gender, mask).
+
+    selected = parse_face_plugins("age, gender,pose")          # ['age', 'gender', 'pose']
+    registry = PluginRegistry(settings, backend)
+    extras = registry.run(rgb, faces, selected)                 # one dict per face
+    versions = registry.versions(["calculator", *selected])     # CompreFace `plugins_versions`
+    registry.status()                                           # for a status endpoint
+
+Built in (always available)
+    landmarks   the detector's 5 points as [[x, y], ...] ints (rounded), MTCNN order
+    calculator  the embedding; computed by the pipeline, listed here only for versions/status
+    pose        {pitch, roll, yaw} in degrees, from the 5 landmarks (see "Pose" below)
+
+Model slots (available only when a model is installed; otherwise left out of responses)
+    age     <model_dir>/face_age/1/model.onnx
+    gender  <model_dir>/face_gender/1/model.onnx
+    mask    <model_dir>/face_mask/1/model.onnx
+
+Slot model contract
+    Input: one tensor (by convention named `image`), float32 [N, H, W, 3], RGB, values 0..255,
+    with H and W fixed in the ONNX input shape (N may be dynamic). Each face is cut out as a
+    square centred on its box with side CROP_SCALE (1.5) x max(box width, box height), pixels
+    outside the image are black (0), and the square is resized to W x H (INTER_AREA when
+    shrinking, INTER_LINEAR when enlarging). All faces of a request go in one backend call.
+    Outputs (probabilities, i.e. after softmax):
+      age:    `age` [N, 1] years          -> {"probability": 1.0, "low": round(age), "high": round(age)}
+              (as insightface builds do), or
+              `age_buckets` [N, K]        -> the most likely bucket {"probability": p, "low": lo, "high": hi};
+              the bucket bounds come from the model's metadata_props key "age_buckets", a JSON list
+              of K [low, high] pairs, e.g. "[[0,2],[4,6],[8,12],[15,20],[25,32],[38,43],[48,53],[60,100]]".
+      gender: `gender` [N, 2] (female, male)                          -> {"probability", "value"}
+      mask:   `mask` [N, 3] (without_mask, with_mask, mask_weared_incorrect) -> {"probability", "value"}
+    Optional metadata_props key "version" is appended to the plugin version string
+    ("onnx.AgeDetector@<version>"). A model that breaks the contract is reported unavailable,
+    with the reason, by status(); nothing is ever made up for it.
+
+Pose
+    cv2.solvePnP (SQPnP, then Levenberg-Marquardt refinement) of the 5 landmarks against a generic
+    3D head (HEAD_MODEL_MM), pinhole camera with focal length = image width, principal point =
+    image centre, no distortion. The head rotation is taken relative to the line of sight from
+    the camera to the nose tip (line_of_sight_rotation), so a face looking straight into the lens
+    reads about 0 wherever it is in the frame. Angles are a Z-Y-X decomposition of that rotation
+    (axes: x image-right, y image-down, z into the scene), signed so that, as the viewer of the
+    image sees it:
+      yaw   > 0  the face turns to its own left (the nose moves towards image-right)
+      pitch > 0  the face looks up (the nose moves towards the image top)
+      roll  > 0  the face is rotated counter-clockwise in the image (same sense as a positive
+                 cv2.getRotationMatrix2D angle; the image-right eye is higher)
+    Mirroring the image flips the signs of yaw and roll; rotating the image about its centre by
+    +a degrees adds a to roll. Faces without at least 4 finite landmarks get no pose.
+
+Timings: each face dict carries "execution_time" {plugin: ms}. Batched model plugins report the
+batch's wall time divided by the number of faces (their share); pose is timed per face. Landmarks
+are not timed (CompreFace's ExecutionTimeDto drops them).
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Iterable, Sequence
+
+import cv2
+import numpy as np
+
+from server.backends.base import Backend, BackendError
+from server.config import Settings
+
+if TYPE_CHECKING:  # the pipeline package may import this module; avoid a cycle at run time
+    from server.pipeline import Face
+
+# CompreFace slugs in the order they are listed in its docs; `landmarks2d106` is insightface-only.
+KNOWN_PLUGINS: tuple[str, ...] = ("age", "gender", "landmarks", "calculator", "mask", "pose")
+MODEL_PLUGINS: tuple[str, ...] = ("age", "gender", "mask")
+MODEL_NAMES: dict[str, str] = {"age": "face_age", "gender": "face_gender", "mask": "face_mask"}
+# CompreFace skips these when detect_faces=false (core/constants.py SKIPPED_PLUGINS).
+SKIPPED_WITHOUT_DETECTION: frozenset[str] = frozenset({"pose", "mask"})
+# Keys of CompreFace's PluginsVersionsDto; others are dropped by its Java layer.
+COMPREFACE_VERSION_KEYS: tuple[str, ...] = ("age", "gender", "detector", "calculator", "mask")
+
+DETECTOR_VERSION = "mtcnn.FaceDetector"
+BUILTIN_VERSIONS: dict[str, str] = {
+    "calculator": "dlib.Calculator@resnet_v1",
+    "landmarks": "mtcnn.LandmarksDetector",
+    "pose": "opencv.PoseEstimator",
+}
+MODEL_VERSION_PREFIX: dict[str, str] = {
+    "age": "onnx.AgeDetector",
+    "gender": "onnx.GenderDetector",
+    "mask": "onnx.MaskDetector",
+}
+
+GENDER_VALUES: tuple[str, ...] = ("female", "male")
+MASK_VALUES: tuple[str, ...] = ("without_mask", "with_mask", "mask_weared_incorrect")
+CROP_SCALE = 1.5  # crop side / max(box side): room for hair, chin and a mask's edges
+
+# Generic head, millimetres, camera axes of a frontal face (x image-right, y down, z away from
+# the camera), origin at the nose tip. x/y follow the common 112x112 ArcFace 5-point template
+# scaled to a 63 mm interocular distance; depths are typical adult values (eyes 30 mm and mouth
+# corners 22 mm behind the nose tip). Row order = MTCNN landmark order.
+HEAD_MODEL_MM = np.array(
+    [
+        [-31.5, -36.0, 30.0],  # left eye (image-left)
+        [31.5, -36.0, 30.0],  # right eye (image-right)
+        [0.0, 0.0, 0.0],  # nose tip
+        [-26.0, 36.5, 22.0],  # mouth left
+        [26.0, 36.5, 22.0],  # mouth right
+    ],
+    dtype=np.float64,
+)
+
+
+def parse_face_plugins(value: str | None) -> list[str]:
+    """CompreFace's `face_plugins`: split on commas and spaces, keep known slugs once, in order.
+
+    Unknown names are ignored silently, as CompreFace's filter_face_plugins does.
+    """
+    if not value:
+        return []
+    out: list[str] = []
+    for token in value.replace(",", " ").split():
+        slug = token.strip().lower()
+        if slug in KNOWN_PLUGINS and slug not in out:
+            out.append(slug)
+    return out
+
+
+# ---------------------------------------------------------------------------------------- pose
+def camera_matrix(width: int, height: int) -> np.ndarray:
+    return np.array([[width, 0.0, width / 2.0], [0.0, width, height / 2.0], [0.0, 0.0, 1.0]], np.float64)
+
+
+def rotation_from_angles(pitch: float, yaw: float, roll: float) -> np.ndarray:
+    """Head rotation (model -> camera) for angles in degrees, with this module's sign conventions."""
+    a, b, g = (-math.radians(v) for v in (pitch, yaw, roll))  # see module docstring for the signs
+    rx = np.array([[1, 0, 0], [0, math.cos(a), -math.sin(a)], [0, math.sin(a), math.cos(a)]])
+    ry = np.array([[math.cos(b), 0, math.sin(b)], [0, 1, 0], [-math.sin(b), 0, math.cos(b)]])
+    rz = np.array([[math.cos(g), -math.sin(g), 0], [math.sin(g), math.cos(g), 0], [0, 0, 1]])
+    return rz @ ry @ rx
+
+
+def angles_from_rotation(r: np.ndarray) -> tuple[float, float, float]:
+    """Inverse of rotation_from_angles: R = Rz(-roll) Ry(-yaw) Rx(-pitch) -> (pitch, yaw, roll) degrees."""
+    alpha = math.atan2(r[2, 1], r[2, 2])
+    beta = math.asin(float(np.clip(-r[2, 0], -1.0, 1.0)))
+    gamma = math.atan2(r[1, 0], r[0, 0])
+    return -math.degrees(alpha), -math.degrees(beta), -math.degrees(gamma)
+
+
+def line_of_sight_rotation(position: np.ndarray) -> np.ndarray:
+    """The smallest rotation taking the optical axis (0, 0, 1) onto the ray to `position`."""
+    d = np.asarray(position, np.float64) / np.linalg.norm(position)
+    axis = np.cross([0.0, 0.0, 1.0], d)
+    sin, cos = np.linalg.norm(axis), d[2]
+    if sin < 1e-12:
+        return np.eye(3)
+    r, _ = cv2.Rodrigues(axis / sin * math.atan2(sin, cos))
+    return r
+
+
+def estimate_pose(landmarks: np.ndarray, image_size: tuple[int, int]) -> dict[str, float] | None:
+    """{pitch, roll, yaw} in degrees from (5, 2) landmarks; image_size is (width, height).
+
+    Returns None when fewer than 4 landmarks are finite or no solution lies in front of the camera.
+    """
+    pts = np.asarray(landmarks, dtype=np.float64).reshape(-1, 2)
+    if pts.shape[0] != len(HEAD_MODEL_MM):
+        return None
+    ok = np.isfinite(pts).all(axis=1)
+    if ok.sum() < 4:
+        return None
+    obj, img = HEAD_MODEL_MM[ok], pts[ok]
+    k = camera_matrix(*image_size)
+    dist = np.zeros(4)
+    try:
+        found, rvec, tvec = cv2.solvePnP(obj, img, k, dist, flags=cv2.SOLVEPNP_SQPNP)
+        if not found:
+            return None
+        rvec, tvec = cv2.solvePnPRefineLM(obj, img, k, dist, rvec, tvec)
+    except cv2.error:
+        return None
+    if tvec[2, 0] <= 0:
+        return None
+    r, _ = cv2.Rodrigues(rvec)
+    # relative to the line of sight, so a face looking into the lens reads 0 anywhere in the frame
+    pitch, yaw, roll = angles_from_rotation(line_of_sight_rotation(tvec.ravel()).T @ r)
+    # "+ 0.0" turns -0.0 into 0.0, which JSON would otherwise print as "-0.0"
+    return {"pitch": round(pitch, 3) + 0.0, "roll": round(roll, 3) + 0.0, "yaw": round(yaw, 3) + 0.0}
+
+
+# ---------------------------------------------------------------------------------------- crops
+def face_crops(image: np.ndarray, boxes: Sequence[Sequence[int]], size_hw: tuple[int, int],
+               scale: float = CROP_SCALE) -> np.ndarray:
+    """float32 [N, H, W, 3] RGB 0..255: the slot-model input (see module docstring)."""
+    rgb = _as_rgb(image)
+    h_img, w_img = rgb.shape[:2]
+    out_h, out_w = size_hw
+    crops = np.zeros((len(boxes), out_h, out_w, 3), np.float32)
+    for i, (x0, y0, x1, y1) in enumerate(boxes):
+        side = max(1, int(round(scale * max(x1 - x0, y1 - y0))))
+        left = int(round((x0 + x1) / 2.0 - side / 2.0))
+        top = int(round((y0 + y1) / 2.0 - side / 2.0))
+        square = np.zeros((side, side, 3), np.uint8)  # black outside the image
+        sx0, sy0 = max(0, left), max(0, top)
+        sx1, sy1 = min(w_img, left + side), min(h_img, top + side)
+        if sx1 > sx0 and sy1 > sy0:
+            square[sy0 - top:sy1 - top, sx0 - left:sx1 - left] = rgb[sy0:sy1, sx0:sx1]
+        shrinking = out_h < side or out_w < side
+        interp = cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR
+        crops[i] = cv2.resize(square, (out_w, out_h), interpolation=interp)
+    return crops
+
+
+def _as_rgb(image: np.ndarray) -> np.ndarray:
+    img = np.asarray(image)
+    if img.ndim == 2:
+        img = np.repeat(img[:, :, None], 3, axis=2)
+    elif img.shape[2] == 4:
+        img = img[:, :, :3]
+    if img.dtype != np.uint8:
+        img = np.clip(img, 0, 255).astype(np.uint8)
+    return img
+
+
+# ---------------------------------------------------------------------------------- model slots
+class SlotModelError(ValueError):
+    """An installed slot model does not follow the contract in the module docstring."""
+
+
+@dataclass(frozen=True)
+class SlotModel:
+    """What we read from an installed slot model's ONNX header."""
+
+    plugin: str
+    model_name: str
+    input_name: str
+    size_hw: tuple[int, int]
+    output: str  # the output name we decode
+    version: str
+    age_buckets: tuple[tuple[int, int], ...] = ()
+
+    @classmethod
+    def inspect(cls, plugin: str, path: Path) -> "SlotModel":
+        import onnx
+
+        try:
+            model = onnx.load(str(path), load_external_data=False)
+        except Exception as exc:  # protobuf raises assorted types for a damaged file
+            raise SlotModelError(f"cannot read {path}: {exc}") from exc
+        graph = model.graph
+        initializers = {t.name for t in graph.initializer}
+        inputs = [i for i in graph.input if i.name not in initializers]
+        if len(inputs) != 1:
+            raise SlotModelError(f"expected exactly one input, found {[i.name for i in inputs]}")
+        dims = inputs[0].type.tensor_type.shape.dim
+        if len(dims) != 4:
+            raise SlotModelError(f"input {inputs[0].name!r} must be [N,H,W,3], has rank {len(dims)}")
+        h, w, c = (d.dim_value if d.HasField("dim_value") else 0 for d in dims[1:])
+        if h <= 0 or w <= 0 or c != 3:
+            raise SlotModelError(f"input {inputs[0].name!r} must be [N,H,W,3] with fixed H, W")
+        outputs = {o.name for o in graph.output}
+        meta = {p.key: p.value for p in model.metadata_props}
+        buckets: tuple[tuple[int, int], ...] = ()
+        if plugin == "age" and "age" in outputs:
+            output = "age"
+        elif plugin == "age" and "age_buckets" in outputs:
+            output = "age_buckets"
+            buckets = _parse_buckets(meta.get("age_buckets"))
+        elif plugin in ("gender", "mask") and plugin in outputs:
+            output = plugin
+        else:
+            wanted = "'age' or 'age_buckets'" if plugin == "age" else repr(plugin)
+            raise SlotModelError(f"no output named {wanted} (outputs: {sorted(outputs)})")
+        expected = {"age": 1, "age_buckets": len(buckets), "gender": 2, "mask": 3}[output]
+        out_dims = next(o for o in graph.output if o.name == output).type.tensor_type.shape.dim
+        cols = [d.dim_value for d in out_dims[1:] if d.HasField("dim_value")]
+        if len(cols) == len(out_dims) - 1 and int(np.prod(cols)) != expected:  # only when static
+            raise SlotModelError(f"output {output!r} has {int(np.prod(cols))} values per face, expected {expected}")
+        version = MODEL_VERSION_PREFIX[plugin]
+        if meta.get("version"):
+            version += "@" + meta["version"]
+        return cls(plugin, MODEL_NAMES[plugin], inputs[0].name, (h, w), output, version, buckets)
+
+    def decode(self, out: np.ndarray) -> list[dict]:
+        """One CompreFace plugin object per row of the model's output."""
+        arr = np.asarray(out, dtype=np.float64)
+        arr = arr.reshape(arr.shape[0], -1)
+        if self.output == "age":
+            return [{"probability": 1.0, "high": int(round(a)), "low": int(round(a))} for a in arr[:, 0]]
+        labels: Sequence = self.age_buckets if self.output == "age_buckets" else (
+            GENDER_VALUES if self.plugin == "gender" else MASK_VALUES)
+        if arr.shape[1] != len(labels):
+            raise SlotModelError(f"{self.model_name}: output {self.output!r} has {arr.shape[1]} columns, "
+                                 f"expected {len(labels)}")
+        best = arr.argmax(axis=1)
+        result = []
+        for row, k in zip(arr, best):
+            if self.output == "age_buckets":
+                low, high = labels[k]
+                result.append({"probability": float(row[k]), "high": int(high), "low": int(low)})
+            else:
+                result.append({"probability": float(row[k]), "value": labels[k]})
+        return result
+
+
+def _parse_buckets(raw: str | None) -> tuple[tuple[int, int], ...]:
+    if not raw:
+        raise SlotModelError("output 'age_buckets' needs metadata_props 'age_buckets' ([[low, high], ...])")
+    try:
+        pairs = tuple((int(lo), int(hi)) for lo, hi in json.loads(raw))
+    except (ValueError, TypeError) as exc:
+        raise SlotModelError(f"metadata 'age_buckets' is not a JSON list of [low, high]: {raw!r}") from exc
+    if not pairs:
+        raise SlotModelError("metadata 'age_buckets' is empty")
+    return pairs
+
+
+# ------------------------------------------------------------------------------------- registry
+@dataclass(frozen=True)
+class PluginState:
+    available: bool
+    version: str | None
+    reason: str | None = None
+
+    def as_dict(self) -> dict:
+        d: dict = {"available": self.available, "version": self.version}
+        if self.reason:
+            d["reason"] = self.reason
+        return d
+
+
+@dataclass
+class PluginRegistry:
+    """Which plugins this server can run, their versions, and running them on a request's faces."""
+
+    settings: Settings
+    backend: Backend
+    slots: dict[str, SlotModel] = field(init=False, default_factory=dict)
+    states: dict[str, PluginState] = field(init=False, default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for name, version in BUILTIN_VERSIONS.items():
+            self.states[name] = PluginState(True, version)
+        for plugin in MODEL_PLUGINS:
+            path = Path(self.settings.model_dir) / MODEL_NAMES[plugin] / "1" / "model.onnx"
+            if not path.is_file():
+                self.states[plugin] = PluginState(False, None, f"no model installed at {path}")
+                continue
+            try:
+                slot = SlotModel.inspect(plugin, path)
+            except SlotModelError as exc:
+                self.states[plugin] = PluginState(False, None, str(exc))
+                continue
+            self.slots[plugin] = slot
+            self.states[plugin] = PluginState(True, slot.version)
+
+    def available(self, plugin: str) -> bool:
+        state = self.states.get(plugin)
+        return bool(state and state.available)
+
+    def status(self) -> dict[str, dict]:
+        """{plugin: {"available", "version", ["reason"]}} for every known plugin."""
+        return {p: self.states[p].as_dict() for p in KNOWN_PLUGINS}
+
+    def versions(self, selected: Iterable[str], *, include_all: bool = False) -> dict[str, str]:
+        """CompreFace `plugins_versions`: the detector plus each selected, available plugin.
+
+        CompreFace's PluginsVersionsDto only has age, gender, detector, calculator and mask;
+        pose and landmarks are added only with include_all=True.
+        """
+        out = {"detector": DETECTOR_VERSION}
+        for plugin in selected:
+            if self.available(plugin) and (include_all or plugin in COMPREFACE_VERSION_KEYS):
+                out[plugin] = self.states[plugin].version  # type: ignore[assignment]
+        return out
+
+    def run(self, image: np.ndarray, faces: Sequence["Face"], selected: Iterable[str]) -> list[dict]:
+        """Per face: the selected, available plugin fields in CompreFace shapes + "execution_time".
+
+        `calculator` is ignored here (the pipeline owns the embedding). One backend call per slot
+        model for all faces. A failing or misbehaving model raises BackendError: it never yields a value.
+        """
+        chosen = [p for p in dict.fromkeys(selected) if p != "calculator" and self.available(p)]
+        results: list[dict] = [{"execution_time": {}} for _ in faces]
+        if not faces:
+            return results
+        if "landmarks" in chosen:
+            for res, face in zip(results, faces):
+                res["landmarks"] = _landmarks_json(face.landmarks)
+        if "pose" in chosen:
+            h, w = image.shape[:2]
+            for res, face in zip(results, faces):
+                t0 = time.perf_counter()
+                pose = estimate_pose(face.landmarks, (w, h)) if _has_landmarks(face.landmarks) else None
+                if pose is not None:
+                    res["pose"] = pose
+                    res["execution_time"]["pose"] = (time.perf_counter() - t0) * 1000.0
+        for plugin in MODEL_PLUGINS:
+            if plugin in chosen:
+                self._run_slot(self.slots[plugin], image, faces, results)
+        return results
+
+    def _run_slot(self, slot: SlotModel, image: np.ndarray, faces: Sequence["Face"], results: list[dict]) -> None:
+        t0 = time.perf_counter()
+        crops = face_crops(image, [f.box for f in faces], slot.size_hw)
+        out = self.backend.run(slot.model_name, {slot.input_name: crops})
+        if slot.output not in out:
+            raise BackendError(f"{slot.model_name}: backend returned no {slot.output!r} output")
+        try:
+            values = slot.decode(out[slot.output])
+        except SlotModelError as exc:  # a server-side fault, not the request's
+            raise BackendError(str(exc)) from exc
+        if len(values) != len(faces):
+            raise BackendError(f"{slot.model_name}: {len(values)} results for {len(faces)} faces")
+        share_ms = (time.perf_counter() - t0) * 1000.0 / len(faces)
+        for res, value in zip(results, values):
+            res[slot.plugin] = value
+            res["execution_time"][slot.plugin] = share_ms
+
+
+def _has_landmarks(landmarks) -> bool:
+    return landmarks is not None and np.asarray(landmarks).size > 0
+
+
+def _landmarks_json(landmarks) -> list[list[int]]:
+    if not _has_landmarks(landmarks):
+        return []  # detect_faces=false: CompreFace returns an empty list
+    pts = np.asarray(landmarks, dtype=np.float64).reshape(-1, 2)
+    return [[int(round(x)), int(round(y))] for x, y in pts if np.isfinite(x) and np.isfinite(y)]
