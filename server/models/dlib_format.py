@@ -29,6 +29,8 @@ class DlibReader:
         return self.pos == len(self.data)
 
     def raw(self, n: int) -> bytes:
+        if n < 0:  # a corrupt (negative) count would otherwise move the cursor backwards
+            raise DlibFormatError(f"negative length {n} at byte {self.pos}")
         if self.pos + n > len(self.data):
             raise DlibFormatError(f"unexpected end of data at byte {self.pos} (wanted {n})")
         out = bytes(self.data[self.pos : self.pos + n])
@@ -54,6 +56,8 @@ class DlibReader:
 
     def real(self) -> float:
         """float/double: int64 mantissa first, then int16 exponent; value = m * 2**e."""
+        if self.pos >= len(self.data):  # truncated file: a format error, not an IndexError
+            raise DlibFormatError(f"unexpected end of data at byte {self.pos} (wanted a float)")
         if self.data[self.pos] & 0x70:
             raise DlibFormatError("legacy ASCII float encoding is not supported")
         mantissa = self.integer()
@@ -94,6 +98,8 @@ class DlibReader:
         if version != 2:
             raise DlibFormatError(f"unsupported tensor version {version}")
         n, k, nr, nc = (self.integer() for _ in range(4))
+        if min(n, k, nr, nc) < 0:  # a negative count would make raw() step backwards
+            raise DlibFormatError(f"negative tensor shape {(n, k, nr, nc)} at byte {self.pos}")
         count = n * k * nr * nc
         buf = self.raw(4 * count)
         return np.frombuffer(buf, dtype="<f4").reshape(n, k, nr, nc).copy()
