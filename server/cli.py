@@ -6,6 +6,7 @@ import logging
 import sys
 from pathlib import Path
 
+from server import importer
 from server.config import Settings
 
 
@@ -55,8 +56,10 @@ def build_parser() -> argparse.ArgumentParser:
     msub = models.add_subparsers(dest="models_command", metavar="ACTION", required=True)
     build = msub.add_parser("build", help="convert the pip-installed weights into a Triton model repository")
     build.add_argument("--out", help="output folder (default model_repository/)")
-    build.add_argument("--target", default="onnxruntime", choices=["onnxruntime"],
-                       help="Triton backend the config.pbtxt files are written for")
+    build.add_argument("--target", default="onnxruntime", choices=["onnxruntime", "python", "tensorrt"],
+                       help="Triton backend the config.pbtxt files are written for: onnxruntime "
+                       "(onnxruntime_onnx), python (model.py wrapping onnxruntime), tensorrt (tensorrt_plan; "
+                       "then deploy/triton/convert_to_tensorrt.py makes the plans)")
     build.add_argument("--force", action="store_true", help="rebuild even when up to date")
     build.set_defaults(func=_models_build)
 
@@ -70,6 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
         pass
     else:
         register_keys(sub)
+    importer.register(sub)  # python -m server import
     return parser
 
 

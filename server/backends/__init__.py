@@ -12,4 +12,12 @@ def create_backend(settings: Settings) -> Backend:
         from server.backends.onnxruntime import OnnxRuntimeBackend
 
         return OnnxRuntimeBackend(settings.model_dir, threads=settings.inference_threads)
-    raise ValueError(f"unknown backend {settings.backend!r} (expected: onnxruntime)")
+    if settings.backend == "triton":
+        from server.backends.triton import TritonBackend
+
+        return TritonBackend(
+            settings.triton_url, protocol=settings.triton_protocol, shared_memory=settings.triton_shared_memory,
+            timeout_s=settings.triton_timeout_s, wait_s=settings.triton_wait_s,
+            cuda_device=settings.triton_cuda_device,
+        )
+    raise ValueError(f"unknown backend {settings.backend!r} (expected: onnxruntime, triton)")

@@ -4,6 +4,12 @@
     <out>/shape_predictor_5.npz
     <out>/build.json   fingerprint of the inputs + sha256 of every output (idempotence)
 
+Targets (which Triton backend the config.pbtxt files are written for):
+    onnxruntime  platform "onnxruntime_onnx" (official Triton containers; also our in-process backend)
+    python       backend "python" + <model>/1/model.py wrapping the ONNX file with onnxruntime
+    tensorrt     platform "tensorrt_plan" + <out>/tensorrt.json, the trtexec profiles (FP16, dynamic batch,
+                 dynamic P-Net image size) that deploy/triton/convert_to_tensorrt.py turns into model.plan files
+
 The build is deterministic: the same weights and converter code give byte-identical files.
 """
 from __future__ import annotations
@@ -26,7 +32,10 @@ log = logging.getLogger(__name__)
 BUILD_FORMAT = 1
 MANIFEST = "build.json"
 SHAPE_PREDICTOR_NPZ = "shape_predictor_5.npz"
-TARGETS = ("onnxruntime",)
+TARGETS = ("onnxruntime", "python", "tensorrt")
+DEFAULT_TARGET = "onnxruntime"
+TENSORRT_PLAN = "tensorrt.json"
+PYTHON_MODEL_SOURCE = "triton_python_model.py"
 
 
 @dataclass(frozen=True)
@@ -34,20 +43,29 @@ class ModelSpec:
     name: str
     max_batch_size: int
     queue_delay_us: int  # Triton's dynamic batching window
+    opt_batch: int = 1  # the batch TensorRT tunes its kernels for (the profile's "opt" shape)
 
 
 MODEL_SPECS = {
     s.name: s
     for s in (
-        ModelSpec("face_detector_pnet", 32, 1000),
-        ModelSpec("face_detector_rnet", 512, 2000),
-        ModelSpec("face_detector_onet", 256, 2000),
-        ModelSpec("face_embedder", 64, 2000),
+        ModelSpec("face_detector_pnet", 32, 1000, opt_batch=1),
+        ModelSpec("face_detector_rnet", 512, 2000, opt_batch=128),
+        ModelSpec("face_detector_onet", 256, 2000, opt_batch=32),
+        ModelSpec("face_embedder", 64, 2000, opt_batch=32),
     )
 }
 
+# P-Net's dynamic image size for TensorRT: the largest pyramid level is int(side * 12 / min_face) + 1,
+# i.e. 385 for the defaults (640 px detection side, 20 px faces); smaller faces need a rebuild with a larger max.
+PNET_MIN_SIDE = 12
+PNET_OPT_SIDE = 256
+PNET_MAX_SIDE = 640 * 12 // 20 + 1
+TENSORRT_WORKSPACE_MB = 2048
+
 _HERE = Path(__file__).resolve().parent
-_CONVERTER_SOURCES = ("dlib_format.py", "dlib_resnet.py", "dlib_shape.py", "mtcnn_onnx.py", "repository.py")
+_CONVERTER_SOURCES = ("dlib_format.py", "dlib_resnet.py", "dlib_shape.py", "mtcnn_onnx.py", "repository.py",
+                      PYTHON_MODEL_SOURCE)
 
 
 def fingerprint() -> str:
@@ -62,13 +80,23 @@ def fingerprint() -> str:
     return h.hexdigest()
 
 
-def is_built(out: Path) -> bool:
-    """True when `out` holds a complete build of the current inputs, unmodified."""
+def built_target(out: Path | str) -> str | None:
+    """The target of the build in `out` (None when there is none)."""
+    try:
+        return json.loads((Path(out) / MANIFEST).read_text()).get("target")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def is_built(out: Path, target: str | None = None) -> bool:
+    """True when `out` holds a complete build of the current inputs, unmodified (for `target`, if given)."""
     try:
         manifest = json.loads((out / MANIFEST).read_text())
     except (OSError, ValueError):
         return False
     if manifest.get("fingerprint") != fingerprint():
+        return False
+    if target is not None and manifest.get("target", DEFAULT_TARGET) != target:
         return False
     outputs = manifest.get("outputs", {})
     return bool(outputs) and all(
@@ -76,12 +104,12 @@ def is_built(out: Path) -> bool:
     )
 
 
-def build(out: Path | str, *, target: str = "onnxruntime", force: bool = False) -> bool:
+def build(out: Path | str, *, target: str = DEFAULT_TARGET, force: bool = False) -> bool:
     """Write the repository to `out`. Returns False when it was already up to date (nothing written)."""
     out = Path(out)
     if target not in TARGETS:
         raise ValueError(f"unknown target {target!r}; expected one of {TARGETS}")
-    if not force and is_built(out):
+    if not force and is_built(out, target):
         log.info("model repository %s is up to date", out)
         return False
     from server.models.dlib_resnet import build_embedder_onnx
@@ -91,26 +119,51 @@ def build(out: Path | str, *, target: str = "onnxruntime", force: bool = False) 
     out.mkdir(parents=True, exist_ok=True)
     models: dict[str, onnx.ModelProto] = dict(build_mtcnn_onnx())
     models["face_embedder"] = build_embedder_onnx(sources.dlib_model_file(sources.EMBEDDER_DAT))
+    previous = _manifest_outputs(out)
     outputs: dict[str, str] = {}
+    files: dict[str, bytes] = {}
     for name, model in sorted(models.items()):
         spec = MODEL_SPECS[name]
-        model_rel = f"{name}/1/model.onnx"
-        _atomic_write(out / model_rel, model.SerializeToString(deterministic=True))
-        _atomic_write(out / name / "config.pbtxt", triton_config(spec, model, target).encode())
-        for rel in (model_rel, f"{name}/config.pbtxt"):
-            outputs[rel] = _sha256(out / rel)
+        files[f"{name}/1/model.onnx"] = model.SerializeToString(deterministic=True)
+        files[f"{name}/config.pbtxt"] = triton_config(spec, model, target).encode()
+        if target == "python":
+            files[f"{name}/1/model.py"] = (_HERE / PYTHON_MODEL_SOURCE).read_bytes()
+    if target == "tensorrt":
+        plan = tensorrt_plan({name: (MODEL_SPECS[name], model) for name, model in models.items()})
+        files[TENSORRT_PLAN] = (json.dumps(plan, indent=2, sort_keys=True) + "\n").encode()
+    for rel, data in files.items():
+        _atomic_write(out / rel, data)
+        outputs[rel] = _sha256(out / rel)
     _atomic_replace(out / SHAPE_PREDICTOR_NPZ, lambda tmp: convert_shape_predictor(
         sources.dlib_model_file(sources.SHAPE5_DAT), tmp))
     outputs[SHAPE_PREDICTOR_NPZ] = _sha256(out / SHAPE_PREDICTOR_NPZ)
     manifest = {"format": BUILD_FORMAT, "target": target, "fingerprint": fingerprint(), "outputs": outputs}
     _atomic_write(out / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True).encode())
+    # Files the previous build wrote for another target (model.py, tensorrt.json) would confuse Triton.
+    for rel in sorted(set(previous) - set(outputs)):
+        stale = (out / rel).resolve()
+        if stale.is_relative_to(out.resolve()):
+            stale.unlink(missing_ok=True)
     return True
 
 
-def ensure_built(out: Path | str) -> None:
-    """Build on first start (the server calls this); a no-op when the repository is current."""
-    if build(out):
+def ensure_built(out: Path | str, target: str | None = None) -> None:
+    """Build on first start (the server calls this); a no-op when the repository is current.
+
+    Without `target`, a current build for any target is kept (the server only reads the ONNX files and
+    the shape predictor, which every target has), and a stale one is rebuilt for the target it had.
+    """
+    target = target or built_target(out) or DEFAULT_TARGET
+    if build(out, target=target if target in TARGETS else DEFAULT_TARGET):
         log.info("built the model repository in %s", out)
+
+
+def _manifest_outputs(out: Path) -> dict[str, str]:
+    try:
+        outputs = json.loads((out / MANIFEST).read_text()).get("outputs", {})
+    except (OSError, ValueError, AttributeError):
+        return {}
+    return outputs if isinstance(outputs, dict) else {}
 
 
 _TRITON_TYPES = {
@@ -124,7 +177,13 @@ _TRITON_TYPES = {
 
 def triton_config(spec: ModelSpec, model: onnx.ModelProto, target: str) -> str:
     """config.pbtxt with the tensors read off the graph; the leading (batch) axis is Triton's."""
-    platform = {"onnxruntime": 'platform: "onnxruntime_onnx"'}[target]
+    platform = {
+        "onnxruntime": 'platform: "onnxruntime_onnx"',
+        "python": 'backend: "python"',
+        "tensorrt": 'platform: "tensorrt_plan"',
+    }[target]
+    # Plans are GPU code; the Python backend wraps CPU onnxruntime; the ONNX backend picks either.
+    kind = {"onnxruntime": "KIND_AUTO", "python": "KIND_CPU", "tensorrt": "KIND_GPU"}[target]
 
     def tensors(values) -> str:
         items = []
@@ -140,19 +199,59 @@ def triton_config(spec: ModelSpec, model: onnx.ModelProto, target: str) -> str:
             )
         return ",\n".join(items)
 
-    initializers = {i.name for i in model.graph.initializer}
-    inputs = [i for i in model.graph.input if i.name not in initializers]
+    extra = ""
+    if target == "python":
+        extra = 'parameters {\n  key: "intra_op_threads"\n  value: { string_value: "0" }\n}\n'
     return (
         f'name: "{spec.name}"\n'
         f"{platform}\n"
         f"max_batch_size: {spec.max_batch_size}\n"
-        f"input [\n{tensors(inputs)}\n]\n"
+        f"input [\n{tensors(_graph_inputs(model))}\n]\n"
         f"output [\n{tensors(model.graph.output)}\n]\n"
         "dynamic_batching {\n"
         f"  max_queue_delay_microseconds: {spec.queue_delay_us}\n"
         "}\n"
-        "instance_group [\n  {\n    kind: KIND_AUTO\n    count: 1\n  }\n]\n"
+        f"instance_group [\n  {{\n    kind: {kind}\n    count: 1\n  }}\n]\n"
+        f"{extra}"
     )
+
+
+def _graph_inputs(model: onnx.ModelProto) -> list:
+    initializers = {i.name for i in model.graph.initializer}
+    return [i for i in model.graph.input if i.name not in initializers]
+
+
+def tensorrt_profile(spec: ModelSpec, model: onnx.ModelProto) -> dict[str, dict[str, list[int]]]:
+    """One optimisation profile per model: input name -> min / opt / max shapes (batch axis first).
+
+    The batch axis spans 1..max_batch_size; any other dynamic axis is P-Net's image height / width.
+    """
+    profile = {}
+    for value in _graph_inputs(model):
+        dims = [d.dim_value if d.HasField("dim_value") else -1 for d in value.type.tensor_type.shape.dim]
+        shapes: dict[str, list[int]] = {"min": [1], "opt": [spec.opt_batch], "max": [spec.max_batch_size]}
+        for d in dims[1:]:
+            for key, side in (("min", PNET_MIN_SIDE), ("opt", PNET_OPT_SIDE), ("max", PNET_MAX_SIDE)):
+                shapes[key].append(d if d > 0 else side)
+        profile[value.name] = shapes
+    return profile
+
+
+def tensorrt_plan(models: dict[str, tuple[ModelSpec, onnx.ModelProto]]) -> dict:
+    """What deploy/triton/convert_to_tensorrt.py builds: per model, ONNX in, plan out, FP16, one profile."""
+    return {
+        "format": 1,
+        "workspace_mb": TENSORRT_WORKSPACE_MB,
+        "models": {
+            name: {
+                "onnx": f"{name}/1/model.onnx",
+                "plan": f"{name}/1/model.plan",
+                "fp16": True,
+                "shapes": tensorrt_profile(spec, model),
+            }
+            for name, (spec, model) in sorted(models.items())
+        },
+    }
 
 
 def _sha256(path: Path) -> str:

@@ -1,0 +1,127 @@
+"""What the routes share: the app's parts (filled by the lifespan) and per-request helpers."""
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any, Callable, TypeVar
+
+import anyio.to_thread
+from anyio import CapacityLimiter
+from starlette.requests import Request
+
+from server.api import errors
+from server.config import Settings
+
+T = TypeVar("T")
+
+API_KEY_SCOPE = "compreface.api_key"  # the authenticated storage.ApiKey, set by the gate
+
+
+@dataclass
+class AppState:
+    settings: Settings
+    storage: Any = None  # server.storage.Storage
+    index: Any = None  # index registry
+    pipeline: Any = None  # server.pipeline.FacePipeline
+    plugins: Any = None  # server.pipeline.plugins.PluginRegistry
+    service: Any = None  # server.services.FaceService
+    backend: Any = None
+    keys: "KeyCache | None" = None
+    metrics: Any = None  # server.metrics.Metrics
+    started: float = field(default_factory=time.time)
+    ready: bool = False
+    not_ready_reason: str = "starting"
+    inference_limiter: CapacityLimiter = field(init=False)
+
+    def __post_init__(self) -> None:
+        # Without batching, inference is CPU-bound per request: one thread per core, the rest queue
+        # here. With the micro-batcher, concurrent requests are what forms batches, and its queues
+        # bound the work (503 + Retry-After when full), so many more threads may wait in it.
+        cores = os.cpu_count() or 2
+        tokens = max(32, 8 * cores) if getattr(self.settings, "batching", False) else max(2, cores)
+        self.inference_limiter = CapacityLimiter(getattr(self.settings, "max_inflight_inference", 0) or tokens)
+        self.inference_s = 0.0  # smoothed duration of one inference call, for Retry-After
+
+    def admit_inference(self) -> None:
+        """Request-level admission: when every inference slot is taken and max_waiting_inference
+        requests already wait, refuse at once (503, code 60) instead of queueing without bound. The
+        batcher's per-model capacity still guards each call; this bounds whole requests, so a refused
+        request costs no inference and admitted ones keep a bounded wait (and memory)."""
+        stats = self.inference_limiter.statistics()
+        if stats.borrowed_tokens < stats.total_tokens or stats.tasks_waiting < self.settings.max_waiting_inference:
+            return
+        drain_s = (stats.tasks_waiting + stats.borrowed_tokens) * self.inference_s / stats.total_tokens
+        raise errors.overloaded(int(min(60, max(1, math.ceil(drain_s)))))
+
+    def require_ready(self) -> None:
+        if not self.ready:
+            raise errors.not_ready(self.not_ready_reason)
+
+
+class KeyCache:
+    """API key lookups: hits are cached for `ttl` seconds, misses always ask storage.
+
+    Keys created while the server runs (admin API, CLI) therefore work at once; a key deleted
+    from another process stops working within `ttl`. Deletions through the admin API evict.
+    """
+
+    def __init__(self, storage: Any, ttl: float = 1.0) -> None:
+        self.storage = storage
+        self.ttl = ttl
+        self._hits: dict[str, tuple[float, Any]] = {}
+
+    async def find(self, key: str) -> Any:
+        now = time.monotonic()
+        cached = self._hits.get(key)
+        if cached is not None and now - cached[0] < self.ttl:
+            return cached[1]
+        found = await anyio.to_thread.run_sync(self.storage.find_key, key)
+        if found is None:
+            self._hits.pop(key, None)
+        else:
+            if len(self._hits) > 10_000:  # bound memory against key-spraying clients
+                self._hits.clear()
+            self._hits[key] = (now, found)
+        return found
+
+    def evict(self, key: str) -> None:
+        self._hits.pop(key, None)
+
+
+def app_state(request: Request) -> AppState:
+    return request.app.state.core
+
+
+def api_key(request: Request) -> Any:
+    """The storage.ApiKey the gate authenticated for this request."""
+    return request.scope[API_KEY_SCOPE]
+
+
+async def blocking(func: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """Run storage / file work in a worker thread."""
+    return await anyio.to_thread.run_sync(partial(func, *args, **kwargs))
+
+
+async def inference(state: AppState, func: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """Run model work in a worker thread, at most `inference_limiter` at a time, under a request
+    scope: the micro-batcher reads its deadline (settings.request_timeout_s) from the contextvar,
+    which anyio copies into the worker thread."""
+    from server.batching import request_scope
+
+    state.require_ready()
+    state.admit_inference()
+    timeout = state.settings.request_timeout_s or None
+
+    def timed() -> T:  # service time only (not the wait for a slot), for admit_inference's estimate
+        started = time.perf_counter()
+        try:
+            return func(*args, **kwargs)
+        finally:
+            elapsed = time.perf_counter() - started
+            state.inference_s = elapsed if state.inference_s == 0 else 0.9 * state.inference_s + 0.1 * elapsed
+
+    with request_scope(timeout_s=timeout):
+        return await anyio.to_thread.run_sync(timed, limiter=state.inference_limiter)
