@@ -19,6 +19,7 @@ class Settings:
     # inference
     backend: str = "onnxruntime"  # onnxruntime (in-process) | triton (a tritonserver holding model_repository/)
     inference_threads: int = 0  # 0: onnxruntime's default (one per core)
+    inference_spin: bool = False  # let ONNX Runtime's idle threads spin (only for a dedicated, idle machine)
     # triton backend: server address (host:port; gRPC 8001 / HTTP 8000 by Triton's defaults), protocol,
     # and how tensors travel when both run on one node: none (socket) | system (/dev/shm) | cuda (CUDA IPC)
     triton_url: str = "localhost:8001"
