@@ -33,10 +33,10 @@ Batching rules (per model):
 - while a batch runs, new items queue up, so under load batches form with no added delay;
 - idle fast path: with `max_queue_delay_ms == 0`, a call that finds its model idle (nothing
   queued, fewer than `instances` batches running) runs at once in the caller's own thread
-  (also off the event loop). It saves the two thread switches of the hand-off (measured
-  ~90 us median, 0.25 ms p90 per call on the 2-core box; a request makes ~13 model calls),
-  and calls arriving meanwhile queue and batch as usual. At most `instances` batches of a
-  model run at once either way;
+  (also off the event loop). It saves the two thread switches of the hand-off (measured on
+  the 2-core box: ~90 us median per call through a dispatcher vs ~15 us on this path; a
+  request makes ~13 model calls), and calls arriving meanwhile queue and batch as usual.
+  At most `instances` batches of a model run at once either way;
 - an item larger than `max_batch_size` is split into chunks of at most `max_batch_size` rows
   (a Triton backend enforces its config's max_batch_size, so a bigger batch is never sent);
   the caller gets the chunks' outputs concatenated back in order;
@@ -59,16 +59,18 @@ Back-pressure, deadlines, cancellation:
 - `close()` fails queued calls with `BackendError`, stops the dispatchers (running batches
   finish) and closes the inner backend when the batcher owns it.
 
-Defaults (Settings.batch_*), measured on the 2-core dev box (shared, heavily loaded; ONNX
-Runtime, interleaved runs; rows/s, median / best with 1 | 2 intra-op threads):
-    embedder  bs 1: 139 | 126-261    bs 4: 171 | 125-329     bs 8: 178 | 136-351   bs 32: 177 | 134-313
-    R-Net     bs 1: 3.6k | 3.2-4.9k  bs 8: 12.7k | 12.0-21.7k  bs 64: 12.3k | 7.5-26.5k  bs 512: 9.1k | 6.0-18.4k
-    O-Net     bs 1: 1.5k | 1.1-2.1k  bs 4: 2.3k | 1.8-3.9k    bs 16: 2.1k | 2.0-4.3k  bs 128: 1.5k | 2.3-2.7k
-    P-Net     (155x155 levels) bs 1: 477 | 377-762  bs 2: 481 | 312-941  bs 8: 409 | 327-871
-so sizes sit at the start of each plateau (P-Net 4, R-Net 64, O-Net 16, embedder 8). End to
-end, queue delays of 1-5 ms never showed a throughput gain beyond the run-to-run noise while
-adding up to ~13 x delay to an idle request (about 13 model calls each), so the CPU default is 0;
-two instances per model matched or beat one (+14-24% at 8 concurrent requests).
+Defaults (Settings.batch_*), measured on the 2-core dev box (shared with other jobs, so noisy;
+ONNX Runtime with 2 intra-op threads and no spinning, batch sizes interleaved; rows/s, median
+(best)):
+    embedder  bs 1: 145 (246)     bs 4: 164 (322)     bs 8: 173 (343)      bs 32: 138 (361)
+    R-Net     bs 1: 3.3k (4.7k)   bs 8: 11.7k (15.3k) bs 64: 12.6k (17.9k) bs 512: 8.6k (13.6k)
+    O-Net     bs 1: 1.3k (1.6k)   bs 4: 2.0k (2.6k)   bs 16: 2.0k (3.2k)   bs 128: 1.2k (1.7k)
+    P-Net     bs 1: 450 (611)     bs 2: 503 (728)     bs 4: 518 (859)      bs 8: 445 (799)  (155x155)
+so sizes sit where throughput peaks or plateaus (P-Net 4, R-Net 64, O-Net 16, embedder 8).
+End to end (astronaut, concurrent threads, configurations interleaved): a 2 ms queue delay
+raised an idle request's p50 from 57 to 100 ms (about 13 model calls each) and bought no
+throughput at 8 or 24 concurrent requests, so the CPU default delay is 0; two instances per model
+beat one by 9% and 19% at 8 and 16 concurrent requests (one run at 24 favoured one instance).
 
 HTTP mapping for the API's error table (CompreFace has no equivalent; its JSON shape is kept):
 - `Overloaded`       -> 503, header `Retry-After: <retry_after_s>`,

@@ -56,13 +56,18 @@ class Settings:
     index_build_threads: int = -1  # background graph builds: -1 = every core
     extra: dict = field(default_factory=dict)
     # micro-batching across requests (server/batching.py). Measured on the 2-core CPU box: batching
-    # gains little per row there (R-Net/O-Net per-call overhead, embedder +30% at 8), so no queue
+    # gains little per row there (R-Net/O-Net per-call overhead, embedder +20-40% at 8), so no queue
     # delay (batches still form while a batch runs) and the smallest size at the throughput
     # plateau. On a GPU raise the sizes and allow a few ms of delay. Capacities: rows waiting,
     # about 1-2 s of work each at the measured CPU throughput.
     batching: bool = True
     request_timeout_s: float = 30.0  # per-request deadline for queued inference; 0: none
-    batch_instances: int = 2  # batches of one model running at once (2 beat 1 on 2 cores: +14-24%)
+    # request-level admission (server/api/state.py): requests running inference at once (0: auto,
+    # max(32, 8 x cores) with batching, one per core without) and requests allowed to wait for a
+    # slot; beyond that a request is refused at once with 503 + Retry-After (code 60), before any work.
+    max_inflight_inference: int = 0
+    max_waiting_inference: int = 32
+    batch_instances: int = 2  # batches of one model running at once (2 beat 1 on 2 cores: +9-19%)
     batch_pnet_size: int = 4
     batch_pnet_delay_ms: float = 0.0
     batch_pnet_capacity: int = 512  # pyramid levels
