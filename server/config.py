@@ -42,9 +42,11 @@ class Settings:
     max_file_size: int = 5 * 1024 * 1024
     max_body_size: int = 10 * 1024 * 1024
     seed_demo_keys: bool = False
-    # similarity = (tanh((c0 - d) * c1) + 1) / 2, calibrated for our embedder (see README)
-    similarity_c0: float = 0.6
-    similarity_c1: float = 10.0
+    # similarity = (tanh((c0 - d) * c1) + 1) / 2 on L2-normalised descriptors, calibrated for our
+    # embedder on ../shared/facedata/dev pairs by `python -m server.bench pipeline`: c0 is the
+    # equal-error distance (similarity 0.5 there), c1 the slope of a logistic fit (README, Similarity)
+    similarity_c0: float = 0.415011
+    similarity_c1: float = 24.676692
     # index
     index_exact_below: int = 2000
     index_m: int = 16

@@ -29,6 +29,7 @@ EMBEDDING_DIM = 128
 # CompreFace adds a subject example with the core's limit 2 (SubjectService.MAX_FACES_TO_RECOGNIZE)
 # so that a second face is seen and refused with code 31.
 ADD_FACE_LIMIT = 2
+RECOGNIZE_SPARE = 4  # extra neighbours searched by recognize (see FaceService.recognize)
 # Keys of CompreFace's ExecutionTimeDto; other timings (landmarks) are dropped by its Java layer.
 EXECUTION_TIME_KEYS = ("age", "gender", "pose", "detector", "calculator", "mask")
 _FIVE_PLACES = Decimal("0.00001")
@@ -205,7 +206,9 @@ class FaceService:
         Ranks stored embeddings, not subjects (a subject may appear more than once).
         """
         queries = l2_normalise(np.asarray(vectors, np.float32).reshape(-1, EMBEDDING_DIM))
-        labels, distances = self.index.search(collection, queries, k)
+        # a few spare neighbours: a face deleted between the search and the lookup below is skipped,
+        # and the next one takes its place (else a concurrent delete could leave `subjects` empty)
+        labels, distances = self.index.search(collection, queries, k + RECOGNIZE_SPARE)
         wanted = {int(label) for row in labels for label in row}
         names = self.storage.faces_by_labels(collection, wanted) if wanted else {}
         out: list[list[tuple[str, float]]] = []
@@ -216,7 +219,7 @@ class FaceService:
                 hit = names.get(int(label))
                 if hit is not None:  # deleted between search and lookup: skip
                     row.append((hit[1], float(sim)))
-            out.append(row)
+            out.append(row[:k])
         return out
 
     def subject_similarities(self, collection: str, subject: str,

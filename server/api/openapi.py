@@ -63,7 +63,19 @@ _BINARY = {"200": {"description": "The image bytes; empty when the id is unknown
                    "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}}
 _ERRORS = {"400": {"description": "CompreFace error", "content": {"application/json": {"schema": _ref("Error")}}},
            "404": {"description": "Unknown key / subject / image, or wrong method",
+                   "content": {"application/json": {"schema": _ref("Error")}}},
+           "413": {"description": "Request body larger than the server's limit (code 0)",
                    "content": {"application/json": {"schema": _ref("Error")}}}}
+# Answers of the gate and the inference admission, added by document() where they can occur.
+_UNSUPPORTED = {"415": {"description": "Neither multipart/form-data nor JSON (code 0)",
+                        "content": {"application/json": {"schema": _ref("Error")}}}}
+_UNAUTHORIZED = {"401": {"description": "Missing or wrong admin token (code 0)",
+                         "content": {"application/json": {"schema": _ref("Error")}}}}
+_UNAVAILABLE = {"503": {"description": "Not ready yet (code 0), inference overloaded (code 60, with Retry-After) "
+                                       "or timed out (code 61)",
+                        "headers": {"Retry-After": {"description": "Seconds to wait (code 60)",
+                                                    "schema": {"type": "integer"}}},
+                        "content": {"application/json": {"schema": _ref("Error")}}}}
 
 _IMAGE_PARAMS = ("limit", "det_prob_threshold", "face_plugins", "status")
 _EMBEDDINGS = {"type": "object", "required": ["embeddings"],
@@ -199,8 +211,15 @@ def document(settings: Settings, *, admin: bool) -> dict[str, Any]:
     for method, path, tag, summary, security, parameters, body, responses in OPERATIONS:
         if security == "admin" and not admin:
             continue
+        failures = dict(_ERRORS)
+        if body is not None and "multipart/form-data" in body["content"]:  # image endpoints check the type
+            failures.update(_UNSUPPORTED)
+        if security == "admin":
+            failures.update(_UNAUTHORIZED)
+        if security is not None:  # keys and storage may not be ready; inference may be overloaded
+            failures.update(_UNAVAILABLE)
         op: dict[str, Any] = {"tags": [tag], "summary": summary, "operationId": _operation_id(method, path),
-                              "parameters": parameters, "responses": {**responses, **_ERRORS}}
+                              "parameters": parameters, "responses": {**responses, **failures}}
         if body is not None:
             op["requestBody"] = body
         if security in ("recognition", "detection", "verification"):
