@@ -225,9 +225,10 @@ async def verify_embeddings(request: Request) -> Response:
 
 
 def ranked(rows: list[list[float]], sims: np.ndarray) -> list[dict[str, Any]]:
-    """[{"embedding", "similarity"}] sorted by the rounded similarity, highest first (stable)."""
-    items = [{"embedding": row, "similarity": round5(s)} for row, s in zip(rows, sims)]
-    return sorted(items, key=lambda it: -it["similarity"])
+    """[{"embedding", "similarity"}], highest first. Sorted on the unrounded similarity: near-identical
+    faces all round to 1.0 and must still come out in their true order."""
+    order = sorted(range(len(rows)), key=lambda i: -float(sims[i]))
+    return [{"embedding": rows[i], "similarity": round5(sims[i])} for i in order]
 
 
 routes = [

@@ -1,0 +1,12 @@
+#!/bin/sh
+# Builds the Triton model repository for TensorRT in $1 (default /models), inside the GPU image:
+# ONNX models + configs (python -m server models build --target tensorrt), then one TensorRT plan per
+# model on this GPU (convert_to_tensorrt.py, skips plans whose stamp matches), then a marker file that
+# the Triton pods wait for. Safe to re-run: both steps skip what is current.
+set -eu
+OUT=${1:-/models}
+rm -f "$OUT/.facerec-complete"
+python -m server models build --target tensorrt --out "$OUT"
+python /opt/facerec/deploy/triton/convert_to_tensorrt.py "$OUT"
+touch "$OUT/.facerec-complete"
+echo "model repository ready in $OUT"
