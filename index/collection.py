@@ -2,7 +2,10 @@
 
 Storage is the source of truth; an index is a cache of it that can always be rebuilt. Recovery is
 "load the last snapshot (sequence S), replay changes_since(S)". Replays are idempotent because
-every change is per label and the last change of a label decides its state.
+every change is per label and the last change of a label decides its state. A missing, truncated
+or corrupt snapshot (checksums) is rebuilt from storage: exact search serves at once and a large
+graph is built in the background (VectorIndex.from_chunks). After a snapshot at S is on disk, the
+feed's changes up to S are pruned (when the feed can), so the change log stays short.
 
 Ordering: the write path calls apply() after its commit, so two writers may call apply() out of
 sequence order. A per-label "last applied sequence" (kept only for changes above the last feed
@@ -22,7 +25,7 @@ from typing import Iterable, Protocol
 
 import numpy as np
 
-from .hnsw import IndexCorrupt, VectorIndex
+from .hnsw import IndexCorrupt, VectorIndex, snapshot_files
 
 __all__ = ["ChangeFeed", "IndexRegistry"]
 
@@ -128,11 +131,32 @@ class IndexRegistry:
         with self._lock:  # held throughout so a concurrent get() cannot reload the old snapshot
             entry = self._entries.pop(collection, None)
             if entry is not None:
+                if entry.index is not None:
+                    entry.index.cancel_build()
                 with entry.snapshot_lock:  # wait out a save in flight, else it would recreate the file
                     entry.dropped = True
-            for p in self._files_of(collection):
+            for p in self._files_of(collection) + snapshot_files(path):
                 p.unlink(missing_ok=True)
-            path.unlink(missing_ok=True)
+
+    def warm(self, collections: Iterable[str]) -> None:
+        """Load these collections now (at start-up, in a background thread) so that the first
+        request does not pay for the snapshot load. Failures are logged; get() retries later."""
+        for collection in collections:
+            try:
+                self.get(collection)
+            except Exception:  # noqa: BLE001 - a lazy load on first use will try again
+                log.exception("loading the index of collection %s failed", collection)
+
+    def stats(self, collection: str) -> dict | None:
+        """Size, mode and memory of a loaded collection's index (None when not loaded)."""
+        with self._lock:
+            entry = self._entries.get(collection)
+        if entry is None or entry.index is None:
+            return None
+        out = entry.index.stats()
+        out["sequence"] = entry.synced
+        out["unsaved_changes"] = entry.dirty
+        return out
 
     # ------------------------------------------------------------------ snapshots
     def snapshot(self, collection: str | None = None) -> None:
@@ -147,8 +171,47 @@ class IndexRegistry:
         for name, entry in targets:
             self._snapshot_entry(name, entry)
 
+    def refresh(self) -> None:
+        """Catch every loaded index up with changes that other processes committed (e.g.
+        `python -m server import` while the server runs); this process's writes apply at once."""
+        with self._lock:
+            entries = list(self._entries.items())
+        for name, entry in entries:
+            with entry.mutex:
+                if entry.index is None or entry.dropped:
+                    continue
+                try:
+                    self._sync(name, entry)
+                except Exception:  # noqa: BLE001 - retried at the next refresh
+                    log.exception("catching up the index of collection %s failed", name)
+
+    def catch_up(self, collection: str, sequence: int | None = None) -> int | None:
+        """Follow one collection's feed (another replica committed up to `sequence`, e.g. a
+        PostgreSQL notification): replay what is newer than the last sync. Returns the synced
+        sequence, or None when the index is not loaded (its lazy load reads the feed anyway). When
+        the feed can no longer replay from our sequence (pruned), the index is reloaded."""
+        with self._lock:
+            entry = self._entries.get(collection)
+        if entry is None:
+            return None
+        with entry.mutex:
+            if entry.index is None or entry.dropped:
+                return None
+            if sequence is not None and sequence <= entry.synced:
+                return entry.synced
+            try:
+                self._sync(collection, entry)
+            except Exception as e:  # noqa: BLE001 - e.g. the change log was pruned past us: start over
+                log.warning("index of collection %s cannot catch up (%s); reloading", collection, e)
+                entry.index.cancel_build()
+                entry.index = None
+                self._load(collection, self._path(collection), entry)
+            return entry.synced
+
     def maybe_snapshot(self) -> None:
-        """Snapshot collections with >= snapshot_every changes, or any change older than the interval."""
+        """Catch up with other processes' changes, then snapshot collections with >= snapshot_every
+        changes, or any change older than the interval."""
+        self.refresh()
         now = time.monotonic()
         with self._lock:
             due = [
@@ -158,17 +221,22 @@ class IndexRegistry:
                 or (e.dirty > 0 and now - e.last_snapshot >= self._snapshot_interval_s)
             ]
         for name, entry in due:
-            if entry.snapshot_lock.locked():
-                continue  # another thread is already saving it
+            if entry.snapshot_lock.locked() or (entry.index is not None and entry.index.busy):
+                continue  # already being saved, or its graph is being built: next round
             try:
                 self._snapshot_entry(name, entry)
             except Exception:  # background upkeep: a failed snapshot only costs a longer replay later
                 log.exception("index snapshot of collection %s failed", name)
 
     def close(self) -> None:
-        """Final snapshot of every collection with unsaved changes."""
+        """Final snapshot of every collection with unsaved changes (background builds stop first:
+        the snapshot then holds the exact vectors, and the next start builds the graph again)."""
         with self._lock:
-            dirty = [(name, e) for name, e in self._entries.items() if e.dirty > 0]
+            entries = list(self._entries.items())
+        for _, entry in entries:
+            if entry.index is not None:
+                entry.index.cancel_build()
+        dirty = [(name, e) for name, e in entries if e.dirty > 0]
         for name, entry in dirty:
             try:
                 self._snapshot_entry(name, entry)
@@ -188,6 +256,17 @@ class IndexRegistry:
             with entry.mutex:
                 entry.dirty -= dirty
                 entry.last_snapshot = time.monotonic()
+        self._prune(collection, sequence)
+
+    def _prune(self, collection: str, sequence: int) -> None:
+        """The snapshot at `sequence` is durable: the feed may forget the changes it covers."""
+        prune = getattr(self._feed, "prune_changes", None)
+        if prune is None or sequence <= 0:
+            return
+        try:
+            prune(collection, sequence)
+        except Exception:  # noqa: BLE001 - a longer change log only costs disk space
+            log.exception("pruning the change log of collection %s failed", collection)
 
     # ------------------------------------------------------------------ loading and replay
     def _load(self, collection: str, path: Path, entry: _Entry) -> None:
@@ -200,15 +279,22 @@ class IndexRegistry:
             except IndexCorrupt as e:
                 rebuilt_reason = str(e)
                 log.warning("index snapshot of collection %s unusable, rebuilding from storage: %s", collection, e)
+        if index is not None:
+            try:
+                last, replayed = self._replay(collection, index, sequence)
+            except Exception as e:  # noqa: BLE001 - e.g. the snapshot predates a prune of the log
+                rebuilt_reason = f"cannot replay the changes after {sequence}: {e}"
+                log.warning("index of collection %s: %s; rebuilding from storage", collection, rebuilt_reason)
+                index.cancel_build()
+                index = None
         loaded = index is not None
         if index is None:
             sequence = self._feed.current_sequence(collection)  # before all_vectors: replay covers the gap
-            index = VectorIndex(**self._params)
-            for labels, vectors in self._feed.all_vectors(collection):
-                index.add(labels, vectors)
+            # exact at once; a large graph is built in the background while exact search serves
+            index = VectorIndex.from_chunks(self._feed.all_vectors(collection), **self._params)
             if not rebuilt_reason:
                 log.info("index of collection %s built from storage (%d vectors)", collection, len(index))
-        last, replayed = self._replay(collection, index, sequence)
+            last, replayed = self._replay(collection, index, sequence)
         entry.index = index
         entry.synced = max(sequence, last)
         entry.recent.clear()
@@ -220,15 +306,21 @@ class IndexRegistry:
     def _sync(self, collection: str, entry: _Entry) -> None:
         """Catch up from the feed (entry.mutex held)."""
         assert entry.index is not None
-        last, _ = self._replay(collection, entry.index, entry.synced)
+        last, new = self._replay(collection, entry.index, entry.synced, applied=entry.recent)
         entry.synced = max(entry.synced, last)
+        entry.dirty += new
         entry.recent = {label: seq for label, seq in entry.recent.items() if seq > entry.synced}
 
-    def _replay(self, collection: str, index: VectorIndex, since: int) -> tuple[int, int]:
-        """Apply changes_since(since) in batches; returns (last sequence seen, number of changes)."""
+    def _replay(self, collection: str, index: VectorIndex, since: int,
+                applied: dict[int, int] | None = None) -> tuple[int, int]:
+        """Apply changes_since(since) in batches; returns (last sequence seen, number of changes
+        applied). `applied` (label -> seq): changes apply() already made, skipped here."""
         last, count = since, 0
         pending: dict[int, np.ndarray | None] = {}  # the last change per label decides it
         for seq, op, label, vector in self._feed.changes_since(collection, since):
+            if applied and applied.get(int(label), -1) >= int(seq):
+                last = max(last, int(seq))
+                continue
             pending[int(label)] = None if op == "delete" else vector
             last, count = max(last, int(seq)), count + 1
             if len(pending) >= _REPLAY_BATCH:

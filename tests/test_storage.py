@@ -71,8 +71,9 @@ def test_open_storage_sqlite_under_data_dir(tmp_path):
 
 
 def test_open_storage_rejects_other_urls(tmp_path):
+    # postgresql:// is supported now (tests/test_postgres.py); other schemes are refused, naming the options
     with pytest.raises(StorageError, match="postgresql"):
-        open_storage(Settings(data_dir=tmp_path, database_url="postgresql://u@h/db"))
+        open_storage(Settings(data_dir=tmp_path, database_url="mysql://u@h/db"))
 
 
 def test_wal_and_full_sync(store, tmp_path):

@@ -14,9 +14,11 @@ from server.storage.base import (
     FaceExists,
     FaceNotFound,
     FaceRecord,
+    FacesAdded,
     FacesDeleted,
     KeyDeleted,
     KeyNotFound,
+    NewFace,
     Storage,
     StorageError,
     SubjectDeleted,
@@ -29,7 +31,8 @@ DB_FILE_NAME = "faces.db"
 
 
 def open_storage(settings) -> Storage:
-    """The storage named by `settings.database_url`; empty means SQLite at <data_dir>/faces.db."""
+    """The storage named by `settings.database_url`: empty means SQLite at <data_dir>/faces.db,
+    postgresql:// a PostgreSQL database that several server replicas share."""
     url = (getattr(settings, "database_url", "") or "").strip()
     if not url:
         from server.storage.sqlite import SqliteStorage
@@ -39,16 +42,24 @@ def open_storage(settings) -> Storage:
         from server.storage.sqlite import SqliteStorage
 
         return SqliteStorage(Path(url[len("sqlite:///"):]))
+    if url.startswith(("postgresql://", "postgres://", "postgresql+psycopg://")):
+        from server.storage.postgres import PostgresStorage  # shared by several replicas
+
+        return PostgresStorage(
+            url, pool_size=getattr(settings, "database_pool_size", 10),
+            connect_timeout_s=getattr(settings, "database_connect_timeout_s", 60.0),
+            changes_retention_s=getattr(settings, "database_changes_retention_s", 600.0),
+        )
     scheme = url.split(":", 1)[0]
     raise StorageError(
-        f"database_url scheme {scheme!r} is not supported yet: leave FR_DATABASE_URL empty for "
-        "SQLite under the data dir (PostgreSQL support is planned)"
+        f"database_url scheme {scheme!r} is not supported: leave FR_DATABASE_URL empty for SQLite under "
+        "the data dir, or give sqlite:///path or postgresql://user:password@host:5432/database"
     )
 
 
 __all__ = [
     "DEMO_KEYS", "EMBEDDING_DIM", "KEY_TYPES", "ApiKey", "Change", "ChangeFeed", "FaceAdded",
-    "FaceExists", "FaceNotFound", "FaceRecord", "FacesDeleted", "KeyDeleted", "KeyNotFound",
-    "Storage", "StorageError", "SubjectDeleted", "SubjectExists", "SubjectNotFound",
+    "FaceExists", "FaceNotFound", "FaceRecord", "FacesAdded", "FacesDeleted", "KeyDeleted", "KeyNotFound",
+    "NewFace", "Storage", "StorageError", "SubjectDeleted", "SubjectExists", "SubjectNotFound",
     "SubjectsDeleted", "open_storage", "DB_FILE_NAME",
 ]

@@ -102,6 +102,27 @@ class FaceAdded:
 
 
 @dataclass(frozen=True)
+class NewFace:
+    """One face for `add_faces`. `source`/`sha256`: where a bulk import read it (for resuming)."""
+
+    subject: str
+    embedding: np.ndarray  # float32-convertible (128,), finite, already L2-normalised
+    image: bytes = b""
+    image_id: str | None = None
+    source: str | None = None  # e.g. the file path the importer read
+    sha256: str | None = None  # hex digest of the source file's bytes
+
+
+@dataclass(frozen=True)
+class FacesAdded:
+    """Result of `add_faces`: the faces in request order, one "add" change each."""
+
+    faces: list[FaceRecord]
+    changes: list[Change]
+    subjects_created: list[str]  # stored names of the subjects this call created
+
+
+@dataclass(frozen=True)
 class FacesDeleted:
     """Result of `delete_faces` / `delete_subject_faces`."""
 
@@ -217,6 +238,18 @@ class Storage(ChangeFeed, Protocol):
         `image_id`: optional caller-chosen uuid (FaceExists if taken); default: fresh uuid4.
         StorageError on a bad embedding, an empty subject name or an unknown collection.
         """
+
+    def add_faces(self, collection: str, faces: Sequence[NewFace]) -> FacesAdded:
+        """Store many faces in ONE durable transaction (all or nothing), as `add_face` would one
+        by one; a source sha256 is recorded for `known_sources`. FaceExists / StorageError as
+        add_face (also for an image_id repeated within the batch)."""
+
+    def known_sources(self, collection: str, sha256s: Iterable[str]) -> set[str]:
+        """The digests among `sha256s` that some live face of the collection was imported from."""
+
+    def subject_vectors(self, collection: str, subject: str) -> tuple[str, list[str], np.ndarray]:
+        """(stored name, image ids, float32 (n, 128) embeddings) of a subject's faces, matched
+        case-insensitively; SubjectNotFound if absent (n may be 0)."""
 
     def list_faces(
         self, collection: str, subject: str | None = None, page: int = 0, size: int = 20

@@ -32,9 +32,11 @@ from server.storage.base import (
     FaceExists,
     FaceNotFound,
     FaceRecord,
+    FacesAdded,
     FacesDeleted,
     KeyDeleted,
     KeyNotFound,
+    NewFace,
     StorageError,
     SubjectDeleted,
     SubjectExists,
@@ -42,7 +44,7 @@ from server.storage.base import (
     SubjectsDeleted,
 )
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: face_sources (bulk import provenance)
 _BUSY_TIMEOUT_MS = 30_000
 _VECTOR_DTYPE = np.dtype("<f4")  # stored little-endian float32, 512 bytes per face
 _SQL_VARS = 500  # max bound parameters per IN (...) list, well under SQLite's limit
@@ -93,6 +95,14 @@ CREATE TABLE IF NOT EXISTS images (
     face_id INTEGER PRIMARY KEY,
     data    BLOB NOT NULL
 );
+-- where a bulk import read a face (file path + sha256 of its bytes), so an import can resume
+CREATE TABLE IF NOT EXISTS face_sources (
+    face_id    INTEGER PRIMARY KEY,
+    collection TEXT NOT NULL,
+    sha256     TEXT NOT NULL,
+    path       TEXT NOT NULL DEFAULT ''
+);
+CREATE INDEX IF NOT EXISTS face_sources_by_digest ON face_sources (collection, sha256);
 CREATE TABLE IF NOT EXISTS changes (
     collection TEXT NOT NULL,
     seq        INTEGER NOT NULL,
@@ -251,6 +261,8 @@ class SqliteStorage:
                 con.execute("INSERT INTO meta (key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
             elif int(row[0]) > SCHEMA_VERSION:
                 raise StorageError(f"{self.path} has schema version {row[0]}, newer than this server's")
+            elif int(row[0]) < SCHEMA_VERSION:  # older files only lack tables created above
+                con.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(SCHEMA_VERSION),))
 
     def close(self) -> None:
         with self._conn_lock:
@@ -310,6 +322,7 @@ class SqliteStorage:
             c = record.collection
             faces = con.execute("SELECT COUNT(*) FROM faces WHERE collection = ?", (c,)).fetchone()[0]
             con.execute("DELETE FROM images WHERE face_id IN (SELECT id FROM faces WHERE collection = ?)", (c,))
+            con.execute("DELETE FROM face_sources WHERE collection = ?", (c,))
             con.execute("DELETE FROM faces WHERE collection = ?", (c,))
             con.execute("DELETE FROM subjects WHERE collection = ?", (c,))
             con.execute("DELETE FROM changes WHERE collection = ?", (c,))
@@ -464,6 +477,102 @@ class SqliteStorage:
         )
         return FaceAdded(face=face, changes=[Change(seq, "add", label, vector)], subject_created=subject_created)
 
+    def add_faces(self, collection: str, faces: Sequence[NewFace]) -> FacesAdded:
+        items = list(faces)
+        prepared = []
+        for f in items:
+            _check_name(f.subject)
+            vector, blob = _vector_blob(f.embedding)
+            if not isinstance(f.image, (bytes, bytearray, memoryview)):
+                raise StorageError("image must be bytes")
+            face_id = str(uuid.uuid4()) if f.image_id is None else _canonical_uuid(f.image_id, "image_id")
+            prepared.append((f, vector, blob, face_id))
+        ids = [p[3] for p in prepared]
+        if len(set(ids)) != len(ids):
+            raise FaceExists(next(i for i in ids if ids.count(i) > 1))
+        if not prepared:
+            return FacesAdded(faces=[], changes=[], subjects_created=[])
+        created = _now()
+        n = len(prepared)
+        with self._write() as con:
+            for part in _chunks(ids):
+                taken = con.execute(
+                    f"SELECT image_id FROM faces WHERE collection = ? AND image_id IN ({','.join('?' * len(part))})",
+                    (collection, *part),
+                ).fetchone()
+                if taken is not None:
+                    raise FaceExists(taken[0])
+            first_label, first_seq = self._next(con, collection, n, n)
+            subjects: dict[str, tuple[int, str]] = {}
+            subjects_created: list[str] = []
+            for f, *_ in prepared:
+                key = _name_key(f.subject)
+                if key in subjects:
+                    continue
+                row = self._subject_row(con, collection, f.subject)
+                if row is None:
+                    cur = con.execute(
+                        "INSERT INTO subjects (collection, name, name_key, created) VALUES (?, ?, ?, ?)",
+                        (collection, f.subject, key, created),
+                    )
+                    row = (cur.lastrowid, f.subject)
+                    subjects_created.append(f.subject)
+                subjects[key] = row
+            con.executemany(
+                """INSERT INTO faces (collection, label, image_id, subject_id, seq, created, embedding)
+                   VALUES (?, ?, ?, ?, ?, ?, ?)""",
+                [(collection, first_label + i, face_id, subjects[_name_key(f.subject)][0], first_seq + i, created, blob)
+                 for i, (f, _, blob, face_id) in enumerate(prepared)],
+            )
+            # the rows just written hold labels first_label .. first_label + n - 1
+            row_ids = dict(con.execute(
+                "SELECT label, id FROM faces WHERE collection = ? AND label >= ? AND label < ?",
+                (collection, first_label, first_label + n),
+            ).fetchall())
+            con.executemany(
+                "INSERT INTO images (face_id, data) VALUES (?, ?)",
+                [(row_ids[first_label + i], bytes(f.image)) for i, (f, *_) in enumerate(prepared) if len(f.image)],
+            )
+            con.executemany(
+                "INSERT INTO face_sources (face_id, collection, sha256, path) VALUES (?, ?, ?, ?)",
+                [(row_ids[first_label + i], collection, f.sha256, f.source or "")
+                 for i, (f, *_) in enumerate(prepared) if f.sha256],
+            )
+            con.executemany(
+                "INSERT INTO changes (collection, seq, op, label, vector) VALUES (?, ?, 'add', ?, ?)",
+                [(collection, first_seq + i, first_label + i, blob) for i, (_, _, blob, _) in enumerate(prepared)],
+            )
+        records, changes = [], []
+        for i, (f, vector, _, face_id) in enumerate(prepared):
+            name = subjects[_name_key(f.subject)][1]
+            records.append(FaceRecord(image_id=face_id, subject=name, label=first_label + i, sequence=first_seq + i,
+                                      created=created, embedding=vector.copy()))
+            changes.append(Change(first_seq + i, "add", first_label + i, vector))
+        return FacesAdded(faces=records, changes=changes, subjects_created=subjects_created)
+
+    def known_sources(self, collection: str, sha256s: Iterable[str]) -> set[str]:
+        wanted = sorted({str(x) for x in sha256s})
+        found: set[str] = set()
+        with self._read() as con:
+            for part in _chunks(wanted):
+                rows = con.execute(
+                    f"SELECT sha256 FROM face_sources WHERE collection = ? AND sha256 IN ({','.join('?' * len(part))})",
+                    (collection, *part),
+                ).fetchall()
+                found.update(r[0] for r in rows)
+        return found
+
+    def subject_vectors(self, collection: str, subject: str) -> tuple[str, list[str], np.ndarray]:
+        with self._read() as con:
+            row = self._subject_row(con, collection, subject) if isinstance(subject, str) else None
+            if row is None:
+                raise SubjectNotFound(subject)
+            rows = con.execute(
+                "SELECT image_id, embedding FROM faces WHERE subject_id = ? ORDER BY label", (row[0],)
+            ).fetchall()
+        vectors = np.frombuffer(b"".join(r[1] for r in rows), dtype=_VECTOR_DTYPE).reshape(len(rows), EMBEDDING_DIM)
+        return row[1], [r[0] for r in rows], vectors.astype(np.float32)
+
     _FACE_COLUMNS = "f.image_id, s.name, f.label, f.seq, f.created"
 
     @staticmethod
@@ -571,6 +680,7 @@ class SqliteStorage:
             changes.append(change)
         ids = [(r[0],) for r in rows]
         con.executemany("DELETE FROM images WHERE face_id = ?", ids)
+        con.executemany("DELETE FROM face_sources WHERE face_id = ?", ids)
         con.executemany("DELETE FROM faces WHERE id = ?", ids)
         con.executemany(
             "INSERT INTO changes (collection, seq, op, label, vector) VALUES (?, ?, 'delete', ?, NULL)",
@@ -579,11 +689,8 @@ class SqliteStorage:
         return faces, changes
 
     def delete_faces(self, collection: str, image_ids: Sequence[str]) -> FacesDeleted:
-        ordered: list[str] = []
-        for image_id in image_ids:  # keep request order, drop duplicates
-            text = str(image_id)
-            if text not in ordered:
-                ordered.append(text)
+        # keep request order, drop duplicates; a dict, not `in` on a list: a 10 MB body holds 250k ids
+        ordered = list(dict.fromkeys(str(image_id) for image_id in image_ids))
         with self._write() as con:
             found: dict[str, tuple] = {}
             for part in _chunks(ordered):
