@@ -530,6 +530,18 @@ class VectorIndex:
                 labels, d2 = _smallest_pairs(np.concatenate([bl, ol], 1), np.concatenate([bd, od], 1), kk)
         return labels, np.sqrt(d2).astype(np.float32, copy=False)
 
+    def vectors(self, labels: Iterable[int]) -> dict[int, np.ndarray]:
+        """The stored vectors of the labels present (others are left out)."""
+        out: dict[int, np.ndarray] = {}
+        with self._lock.read():
+            ov = self._overlay
+            for label in labels:
+                label = int(label)
+                store = ov.flat if ov is not None and label in ov.touched else self._base
+                if store.contains(label):
+                    out[label] = np.array(store.vector(label), np.float32)
+        return out
+
     # ------------------------------------------------------------------ writes
     def add(self, labels: np.ndarray, vectors: np.ndarray) -> None:
         """Insert vectors; re-adding a label replaces its vector (identical re-adds are no-ops)."""
