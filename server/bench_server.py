@@ -15,11 +15,8 @@ import argparse
 import asyncio
 import io
 import json
-import os
 import re
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -34,12 +31,6 @@ from server.config import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
 ADMIN = "bench-admin-token"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_image() -> tuple[np.ndarray, bytes]:
@@ -113,14 +104,6 @@ def raw_pipeline(settings: Settings, img: np.ndarray, seconds: float) -> list[di
     return rows
 
 
-def start_server(args, data_dir: Path, port: int, env_extra: dict[str, str]) -> subprocess.Popen:
-    env = dict(os.environ, **env_extra)
-    log = open(data_dir / "server.log", "wb")
-    return subprocess.Popen([sys.executable, "-m", "server", "serve", "--host", "127.0.0.1", "--port", str(port),
-                             "--data-dir", str(data_dir), "--admin-token", ADMIN], cwd=ROOT, env=env,
-                            stdout=log, stderr=subprocess.STDOUT)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m server.bench_server")
     parser.add_argument("--clients", default="1,8,32,64")
@@ -134,8 +117,8 @@ def main(argv: list[str] | None = None) -> int:
     env_extra = dict(e.split("=", 1) for e in args.env)
     triton = None
     tmp = Path(tempfile.mkdtemp(prefix="bench-server-"))
+    sys.path.insert(0, str(ROOT))  # the repo's test and load-test helpers
     if args.backend == "triton":
-        sys.path.insert(0, str(ROOT))
         from server.models.repository import build
         from tests.triton_server import TritonServer, skip_reason
 
@@ -146,26 +129,16 @@ def main(argv: list[str] | None = None) -> int:
         build(repo, target="python")
         triton = TritonServer.start(repo, tmp / "triton.log")
         env_extra.update(FR_BACKEND="triton", FR_TRITON_URL=triton.grpc_url)
-    port = free_port()
-    proc = start_server(args, tmp, port, env_extra)
-    base = f"http://127.0.0.1:{port}"
+    # the server in a child process, so the load generator below does not share its GIL
+    from loadtests.server import LocalServer, create_key_admin
+
+    server = LocalServer(tmp, admin_token=ADMIN, env=env_extra)
+    base = server.base_url
     report: dict = {"backend": args.backend, "env": env_extra, "levels": []}
     try:
+        server.start()
+        key = create_key_admin(base, ADMIN, "recognition", "bench")
         with httpx.Client(base_url=base, timeout=10) as c:
-            deadline = time.monotonic() + 300
-            while True:
-                try:
-                    if c.get("/ready").status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"server did not start; see {tmp / 'server.log'}")
-                time.sleep(0.5)
-            r = c.post("/api/v1/admin/keys", json={"type": "recognition", "name": "bench"},
-                       headers={"Authorization": f"Bearer {ADMIN}"})
-            r.raise_for_status()
-            key = r.json()["key"]
             c.post("/api/v1/recognition/faces", params={"subject": "astronaut"}, headers={"x-api-key": key},
                    files={"file": ("a.jpg", jpeg, "image/jpeg")}).raise_for_status()
             asyncio.run(load(base, key, jpeg, 2, 3))  # warm-up
@@ -181,11 +154,7 @@ def main(argv: list[str] | None = None) -> int:
                 report["levels"].append(row)
                 print(f"  {n} clients: {row['req_per_s']:.1f} req/s, p50 {row['p50_ms']:.0f} ms", flush=True)
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        server.stop()
         if triton:
             triton.stop()
     report["raw_pipeline"] = raw_pipeline(settings, img, args.seconds)
