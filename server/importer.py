@@ -337,9 +337,6 @@ def compare(source: Path, limit: int, workers: int, model_dir: Path | None = Non
     Both enrol into their own collection of one fresh data folder; the server is stopped before
     the import runs, so each has the machine to itself. Model loading is outside both timings.
     """
-    import signal
-    import socket
-    import subprocess
     import tempfile
 
     import httpx
@@ -354,27 +351,14 @@ def compare(source: Path, limit: int, workers: int, model_dir: Path | None = Non
     with tempfile.TemporaryDirectory(prefix="import-compare-") as tmp:
         data_dir = Path(tmp) / "data"
         settings = Settings.from_env(data_dir=data_dir, model_dir=model_dir)
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
         token = "compare-" + os.urandom(8).hex()
-        env = {**os.environ, "FR_MODEL_DIR": str(settings.model_dir)}
-        proc = subprocess.Popen([sys.executable, "-m", "server", "serve", "--host", "127.0.0.1", "--port", str(port),
-                                 "--data-dir", str(data_dir), "--admin-token", token], cwd=root, env=env,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        sys.path.insert(0, str(root))  # the repo's load-test helpers
+        from loadtests.server import LocalServer
+
+        server = LocalServer(data_dir, admin_token=token, env={"FR_MODEL_DIR": str(settings.model_dir)})
         try:
-            base = f"http://127.0.0.1:{port}"
-            with httpx.Client(base_url=base, timeout=120) as c:
-                deadline = time.monotonic() + 300
-                while True:
-                    try:
-                        if c.get("/ready").status_code == 200:
-                            break
-                    except httpx.TransportError:
-                        pass
-                    if time.monotonic() > deadline or proc.poll() is not None:
-                        raise SystemExit("the server did not start")
-                    time.sleep(0.1)
+            server.start()
+            with httpx.Client(base_url=server.base_url, timeout=120) as c:
                 admin = {"Authorization": f"Bearer {token}"}
                 http_key = c.post("/api/v1/admin/keys", json={"type": "recognition"}, headers=admin).json()["key"]
                 import_key = c.post("/api/v1/admin/keys", json={"type": "recognition"}, headers=admin).json()["key"]
@@ -388,8 +372,7 @@ def compare(source: Path, limit: int, workers: int, model_dir: Path | None = Non
                     http_added += r.status_code == 201
                 http_s = time.perf_counter() - t0
         finally:
-            proc.send_signal(signal.SIGTERM)
-            proc.wait(60)
+            server.stop(timeout_s=60)
         storage = open_storage(settings)
         pipeline, backend = open_pipeline(settings)
         try:
