@@ -22,7 +22,7 @@ async def detect(request: Request) -> Response:
     selected = parse_face_plugins(p.face_plugins)
     # The detection service asks the core for the calculator only when face_plugins names it.
     embed = "calculator" in selected
-    analysis = await inference(state, state.service.analyse, image.data, det_prob_threshold=p.det_prob_threshold,
+    analysis = await inference(request, state.service.analyse, image.data, det_prob_threshold=p.det_prob_threshold,
                                limit=p.limit, plugins=selected, embed=embed)
     with_embedding = embed and wants_embedding(p.face_plugins)
     result = [

@@ -61,7 +61,7 @@ async def verify_subject(request: Request) -> Response:
     p = params.image_params(req.params)
     image = req.images()[0]
     selected = parse_face_plugins(p.face_plugins)
-    analysis = await inference(state, state.service.analyse, image.data, det_prob_threshold=p.det_prob_threshold,
+    analysis = await inference(request, state.service.analyse, image.data, det_prob_threshold=p.det_prob_threshold,
                                limit=p.limit, plugins=selected)
     # as faces/{image_id}/verify: the faces are found first (code 28), then the subject (code 42)
     name, best_ids, sims = await blocking(state.service.subject_similarities, api_key(request).collection,

@@ -76,7 +76,7 @@ async def add_face(request: Request) -> Response:
     subject = params.example_subject(req.params.required_string("subject"))
     threshold = req.params.number("det_prob_threshold")
     image = req.images()[0]
-    vector = await inference(state, state.service.example_embedding, image.data, threshold)
+    vector = await inference(request, state.service.example_embedding, image.data, threshold)
     face = await blocking(state.service.store_face, api_key(request).collection, subject, vector, image.data)
     # CompreFace answers with the subject as sent, not as stored (EmbeddingController.addEmbedding).
     return JSONResponse({"image_id": face.image_id, "subject": subject}, status_code=201)
@@ -151,7 +151,7 @@ async def recognize(request: Request) -> Response:
     p = params.image_params(req.params, prediction_count=True, detect_faces=True)
     image = req.images()[0]
     selected = parse_face_plugins(p.face_plugins)
-    analysis = await inference(state, state.service.analyse, image.data, det_prob_threshold=p.det_prob_threshold,
+    analysis = await inference(request, state.service.analyse, image.data, det_prob_threshold=p.det_prob_threshold,
                                limit=p.limit, plugins=selected, detect_faces=p.detect_faces)
     matches = await blocking(state.service.recognize, api_key(request).collection, analysis.embeddings(),
                              p.prediction_count)
@@ -175,7 +175,7 @@ async def verify_face(request: Request) -> Response:
     p = params.image_params(req.params)
     image = req.images()[0]
     selected = parse_face_plugins(p.face_plugins)
-    analysis = await inference(state, state.service.analyse, image.data, det_prob_threshold=p.det_prob_threshold,
+    analysis = await inference(request, state.service.analyse, image.data, det_prob_threshold=p.det_prob_threshold,
                                limit=p.limit, plugins=selected)
     # As CompreFace: the faces are found first (code 28), then the id is looked up (code 44).
     stored = await blocking(state.service.stored_face, api_key(request).collection, image_id)

@@ -105,12 +105,14 @@ async def blocking(func: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     return await anyio.to_thread.run_sync(partial(func, *args, **kwargs))
 
 
-async def inference(state: AppState, func: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+async def inference(request: Request, func: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     """Run model work in a worker thread, at most `inference_limiter` at a time, under a request
     scope: the micro-batcher reads its deadline (settings.request_timeout_s) from the contextvar,
-    which anyio copies into the worker thread."""
-    from server.batching import request_scope
+    which anyio copies into the worker thread. A client that disconnects meanwhile gets its queued
+    work withdrawn from the batcher (and its wait for a slot abandoned), so it costs no inference."""
+    from server.batching import Cancelled, request_scope
 
+    state = app_state(request)
     state.require_ready()
     state.admit_inference()
     timeout = state.settings.request_timeout_s or None
@@ -123,5 +125,28 @@ async def inference(state: AppState, func: Callable[..., T], *args: Any, **kwarg
             elapsed = time.perf_counter() - started
             state.inference_s = elapsed if state.inference_s == 0 else 0.9 * state.inference_s + 0.1 * elapsed
 
-    with request_scope(timeout_s=timeout):
-        return await anyio.to_thread.run_sync(timed, limiter=state.inference_limiter)
+    with request_scope(timeout_s=timeout) as scope:
+        outcome: list[T] = []
+        failure: Exception | None = None
+        async with anyio.create_task_group() as group:
+
+            async def watch_disconnect() -> None:
+                # the body has been read: the next ASGI message is http.disconnect, sent when the
+                # client goes away (or when the response is complete, by which time we are gone)
+                while (await request.receive())["type"] != "http.disconnect":
+                    pass
+                scope.cancel()  # queued batcher work fails fast with Cancelled
+                group.cancel_scope.cancel()  # a wait for an inference slot ends now
+
+            group.start_soon(watch_disconnect)
+            try:
+                outcome.append(await anyio.to_thread.run_sync(timed, limiter=state.inference_limiter))
+            except Exception as exc:  # re-raised below as itself, not inside the task group's ExceptionGroup
+                failure = exc
+            finally:
+                group.cancel_scope.cancel()
+        if failure is not None:
+            raise failure
+        if not outcome:  # cancelled while waiting for a slot, or the thread finished after a disconnect
+            raise Cancelled("request")
+        return outcome[0]

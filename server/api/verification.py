@@ -26,10 +26,10 @@ async def verify(request: Request) -> Response:
     source, target = req.images()
     selected = parse_face_plugins(p.face_plugins)
     kwargs = dict(det_prob_threshold=p.det_prob_threshold, limit=p.limit, plugins=selected)
-    src = await inference(state, state.service.analyse, source.data, **kwargs)
+    src = await inference(request, state.service.analyse, source.data, **kwargs)
     if len(src.faces) > 1:
         raise errors.too_many_faces()
-    tgt = await inference(state, state.service.analyse, target.data, **kwargs)
+    tgt = await inference(request, state.service.analyse, target.data, **kwargs)
     sims = state.service.similarities(src.embeddings()[0], tgt.embeddings())
     with_embedding = wants_embedding(p.face_plugins)
 
