@@ -659,7 +659,7 @@ def policies_from_settings(settings: "Settings") -> dict[str, BatchPolicy]:
             max_batch_size=getattr(settings, f"batch_{stage}_size"),
             max_queue_delay_ms=getattr(settings, f"batch_{stage}_delay_ms"),
             queue_capacity=getattr(settings, f"batch_{stage}_capacity"),
-            instances=settings.batch_instances,
+            instances=settings.model_instances(),
         )
         for model, stage in STAGES.items()
     }

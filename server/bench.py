@@ -96,8 +96,10 @@ def bench_detector(pipeline, images: dict[str, np.ndarray], repeat: int = 15) ->
 
 
 def describe_images(pipeline, facedata: Path, names: list[str]) -> tuple[dict[str, np.ndarray], dict[str, str]]:
-    """Largest face per image (fallback: the whole image as a chip, like dlib's baseline)."""
+    """Largest face per image; when none is found at any threshold, the whole image as the face
+    rect, aligned by the 5-point predictor (dlib's baseline does the same: "whole-image rect")."""
     from server.imaging import decode_image
+    from server.pipeline.alignment import face_chips
 
     out, how = {}, {}
     for name in names:
@@ -110,7 +112,9 @@ def describe_images(pipeline, facedata: Path, names: list[str]) -> tuple[dict[st
                 out[name], how[name] = faces[0].embedding, f"detected@{threshold}"
                 break
         else:
-            out[name], how[name] = pipeline.embed_chip(img), "whole"
+            h, w = img.shape[:2]
+            shapes = pipeline.shape_predictor.predict_many(img, [(0, 0, w - 1, h - 1)])
+            out[name], how[name] = pipeline.embed_chips(face_chips(img, shapes))[0], "whole"
     return out, how
 
 

@@ -18,7 +18,9 @@ class Settings:
     admin_token: str = ""
     # inference
     backend: str = "onnxruntime"  # onnxruntime (in-process) | triton (a tritonserver holding model_repository/)
-    inference_threads: int = 0  # 0: onnxruntime's default (one per core)
+    # threads of one ONNX Runtime session; 0: auto (see intra_op_threads()): one with the micro-batcher,
+    # whose model instances then run side by side, onnxruntime's default (one per core) without it
+    inference_threads: int = 0
     inference_spin: bool = False  # let ONNX Runtime's idle threads spin (only for a dedicated, idle machine)
     # triton backend: server address (host:port; gRPC 8001 / HTTP 8000 by Triton's defaults), protocol,
     # and how tensors travel when both run on one node: none (socket) | system (/dev/shm) | cuda (CUDA IPC)
@@ -32,6 +34,9 @@ class Settings:
     det_prob_threshold: float = 0.85
     min_face_size: int = 20
     max_detect_side: int = 640
+    # no face found: detect once more with this much black border (x the longest side) around the
+    # image, for faces that fill a tight crop (FacePipeline.detect); 0: off
+    detect_pad_retry: float = 0.25
     # storage / API (CompreFace limits: 5 MB per file, 10 MB per request body)
     database_url: str = ""  # empty: SQLite at <data_dir>/faces.db; postgresql://user:pw@host:5432/db: shared
     # PostgreSQL only: connections per replica, how long start-up waits for the database, and how long
@@ -70,11 +75,11 @@ class Settings:
     batching: bool = True
     request_timeout_s: float = 30.0  # per-request deadline for queued inference; 0: none
     # request-level admission (server/api/state.py): requests running inference at once (0: auto,
-    # max(32, 8 x cores) with batching, one per core without) and requests allowed to wait for a
-    # slot; beyond that a request is refused at once with 503 + Retry-After (code 60), before any work.
+    # see inflight_limit()) and requests allowed to wait for a slot (a few seconds of work on 2
+    # cores); beyond that a request is refused at once with 503 + Retry-After (code 60), before any work.
     max_inflight_inference: int = 0
-    max_waiting_inference: int = 32
-    batch_instances: int = 2  # batches of one model running at once (2 beat 1 on 2 cores: +9-19%)
+    max_waiting_inference: int = 64
+    batch_instances: int = 0  # batches of one model running at once; 0: auto, see model_instances()
     batch_pnet_size: int = 4
     batch_pnet_delay_ms: float = 0.0
     batch_pnet_capacity: int = 512  # pyramid levels
@@ -106,6 +111,38 @@ class Settings:
 
     def with_(self, **changes) -> "Settings":
         return replace(self, **changes)
+
+    # ---- how inference uses the machine (the auto values of the settings above, in one place).
+    # Measured on 2 cores (python -m server.bench_server; README, Performance): one detect+embed
+    # stream on a 2-thread session does ~20 images/s, two streams on 1-thread sessions ~28-30: ONNX
+    # Runtime's intra-op threads split MTCNN's small convolutions poorly. So with the micro-batcher,
+    # each model runs as one single-threaded instance per core (as Triton's instance groups do),
+    # and a few requests per instance are admitted; more only add GIL and cache contention on CPU.
+    # Remote backends (Triton on GPUs) need many requests in flight to form large batches.
+    def intra_op_threads(self) -> int:
+        if self.inference_threads:
+            return self.inference_threads
+        return 1 if self.batching else 0  # 0: onnxruntime's default, one per core
+
+    def model_instances(self) -> int:
+        return self.batch_instances or (usable_cores() if self.backend == "onnxruntime" else 2)
+
+    def inflight_limit(self) -> int:
+        if self.max_inflight_inference:
+            return self.max_inflight_inference
+        cores = usable_cores()
+        if not self.batching:
+            return max(2, cores)
+        return 2 * self.model_instances() if self.backend == "onnxruntime" else max(32, 8 * cores)
+
+
+def usable_cores() -> int:
+    """Cores this process may run on (its CPU affinity, e.g. a container's cpuset), at least 1."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
 
 def _coerce(type_name, raw: str):
     t = str(type_name)

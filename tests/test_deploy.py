@@ -276,7 +276,8 @@ def test_api_server_deployment(rendered, overlay, monkeypatch):
         monkeypatch.setenv(name, str(value))
     settings = Settings.from_env()
     assert settings.database_url.startswith("postgresql://")
-    assert int(requests["cpu"]) == settings.inference_threads  # threads match the pod's cores
+    # one single-threaded instance of each model per requested core (a pod sees the node's cores)
+    assert int(requests["cpu"]) == settings.model_instances() and settings.intra_op_threads() == 1
     assert str(settings.data_dir) == next(m["mountPath"] for m in container["volumeMounts"] if m["name"] == "data")
     assert settings.port == container["ports"][0]["containerPort"]
     pdb = find(docs, "PodDisruptionBudget", "facerec-server")

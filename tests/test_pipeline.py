@@ -82,3 +82,28 @@ def test_descriptors_close_to_dlib_pipeline(pipeline, facedata, reference_faces)
     assert np.mean(dists) < 0.1, np.mean(dists)
     assert np.percentile(dists, 95) < 0.25
     assert dists.max() < 0.5
+
+
+def test_face_filling_a_tight_crop_is_found_by_the_padded_retry(pipeline):
+    """MTCNN alone misses a face cropped inside its own box (no room around it); the pipeline's
+    padded retry finds it, with a box inside the image and the same person's descriptor."""
+    from server.pipeline import FacePipeline
+
+    img = astronaut()
+    full = pipeline.faces(img)[0]
+    x0, y0, x1, y1 = full.box
+    dx, dy = round(0.075 * (x1 - x0)), round(0.075 * (y1 - y0))
+    crop = np.ascontiguousarray(img[y0 + dy:y1 - dy, x0 + dx:x1 - dx])
+    assert not (pipeline.detector.detect(crop).probs > 0.85).any()  # the case the retry exists for
+
+    assert pipeline.pad_retry > 0  # on by default (Settings.detect_pad_retry)
+    (face,) = pipeline.faces(crop)
+    h, w = crop.shape[:2]
+    assert face.probability > 0.95
+    assert 0 <= face.box[0] < face.box[2] <= w - 1 and 0 <= face.box[1] < face.box[3] <= h - 1
+    a, b = (v / np.linalg.norm(v) for v in (face.embedding, full.embedding))
+    assert np.linalg.norm(a - b) < 0.25  # same face (dlib's threshold is 0.6)
+
+    off = FacePipeline(pipeline.backend, pipeline.shape_predictor, pipeline.detector, pad_retry=0.0)
+    assert off.faces(crop) == []
+    assert pipeline.faces(np.full((90, 70, 3), 128, np.uint8)) == []  # nothing to find: still nothing

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from functools import partial
@@ -37,12 +36,8 @@ class AppState:
     inference_limiter: CapacityLimiter = field(init=False)
 
     def __post_init__(self) -> None:
-        # Without batching, inference is CPU-bound per request: one thread per core, the rest queue
-        # here. With the micro-batcher, concurrent requests are what forms batches, and its queues
-        # bound the work (503 + Retry-After when full), so many more threads may wait in it.
-        cores = os.cpu_count() or 2
-        tokens = max(32, 8 * cores) if getattr(self.settings, "batching", False) else max(2, cores)
-        self.inference_limiter = CapacityLimiter(getattr(self.settings, "max_inflight_inference", 0) or tokens)
+        # at most this many requests run inference at once (Settings.inflight_limit: auto by backend)
+        self.inference_limiter = CapacityLimiter(self.settings.inflight_limit())
         self.inference_s = 0.0  # smoothed duration of one inference call, for Retry-After
 
     def admit_inference(self) -> None:

@@ -11,7 +11,7 @@ def create_backend(settings: Settings) -> Backend:
     if settings.backend == "onnxruntime":
         from server.backends.onnxruntime import OnnxRuntimeBackend
 
-        return OnnxRuntimeBackend(settings.model_dir, threads=settings.inference_threads,
+        return OnnxRuntimeBackend(settings.model_dir, threads=settings.intra_op_threads(),
                                   spin=settings.inference_spin)
     if settings.backend == "triton":
         from server.backends.triton import TritonBackend

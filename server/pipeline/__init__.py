@@ -22,6 +22,7 @@ from server.config import Settings
 EMBEDDER = "face_embedder"
 SHAPE_PREDICTOR_FILE = "shape_predictor_5.npz"
 CHIP_SIZE = 150
+_MAX_PADDED_SIDE = 4096  # the padded retry is for crops; a larger image has room for its faces
 
 
 @dataclass
@@ -40,10 +41,11 @@ class Face:
 
 
 class FacePipeline:
-    def __init__(self, backend: Backend, shape_predictor, detector) -> None:
+    def __init__(self, backend: Backend, shape_predictor, detector, pad_retry: float = 0.0) -> None:
         self.backend = backend
         self.shape_predictor = shape_predictor
         self.detector = detector
+        self.pad_retry = pad_retry  # see detect()
 
     @classmethod
     def from_settings(cls, settings: Settings, backend: Backend | None = None) -> "FacePipeline":
@@ -54,13 +56,34 @@ class FacePipeline:
         backend = backend or create_backend(settings)
         sp = ShapePredictor.load(Path(settings.model_dir) / SHAPE_PREDICTOR_FILE)
         det = MtcnnDetector(backend, min_face_size=settings.min_face_size, max_side=settings.max_detect_side)
-        return cls(backend, sp, det)
+        return cls(backend, sp, det, pad_retry=settings.detect_pad_retry)
+
+    def detect(self, image: np.ndarray, det_prob_threshold: float) -> "Detections":
+        """MTCNN on the image; when no face passes the threshold, once more on the image padded by
+        `pad_retry` x its longest side on every side (black), with the results mapped back.
+
+        MTCNN cannot see a face larger than the image: its pyramid stops when the image is 12 px at
+        P-Net's scale, and a face that fills a tight crop (the kind of photo people enrol) is cut
+        off on every side. The padding gives such a face room; images with a face found the first
+        time cost nothing more. Boxes may then extend past the image (the API clips them)."""
+        det = self.detector.detect(image)
+        if self.pad_retry <= 0 or bool((det.probs > det_prob_threshold).any()):
+            return det
+        h, w = image.shape[:2]
+        pad = max(1, round(self.pad_retry * max(h, w)))
+        if max(h, w) + 2 * pad > _MAX_PADDED_SIDE:  # only small crops need it; never grow big images
+            return det
+        padded = cv2.copyMakeBorder(image, pad, pad, pad, pad, cv2.BORDER_CONSTANT, value=(0, 0, 0))
+        again = self.detector.detect(padded)
+        if not bool((again.probs > det_prob_threshold).any()):
+            return det
+        return type(det)(again.boxes - np.float32(pad), again.probs, again.landmarks - np.float32(pad))
 
     def faces(self, image: np.ndarray, *, det_prob_threshold: float = 0.85, limit: int = 0,
               embed: bool = True) -> list[Face]:
         """Faces with probability > det_prob_threshold, biggest box first, at most `limit` (0: all)."""
         t0 = time.perf_counter()
-        det = self.detector.detect(image)
+        det = self.detect(image, det_prob_threshold)
         keep = det.probs > det_prob_threshold  # CompreFace keeps a face only if strictly greater
         boxes, probs, marks = det.boxes[keep], det.probs[keep], det.landmarks[keep]
         h, w = image.shape[:2]
