@@ -1,7 +1,7 @@
 """The storage interface: durable source of truth for API keys, subjects and faces.
 
-The SQLite implementation lives in `sqlite.py`; a PostgreSQL one can fill the same
-`Storage` protocol later. Every method is synchronous and thread-safe: the API calls
+Implementations: `sqlite.py` (one file) and `postgres.py` (shared by replicas); the logic they
+have in common is written once in `sql.py`. Every method is synchronous and thread-safe: the API calls
 it from worker threads (e.g. `starlette.concurrency.run_in_threadpool`).
 
 Conventions

@@ -3,7 +3,8 @@
     storage = PostgresStorage("postgresql://facerec:secret@db:5432/facerec")
     storage.start_follower(on_change=registry.catch_up, on_drop=registry.drop)   # app.py does this
 
-Same tables and semantics as `sqlite.py`. What differs, and why:
+Same tables and semantics as `sqlite.py`: the storage logic is `SqlStorage`'s (sql.py), this module
+is the PostgreSQL dialect. What differs, and why:
 
 Ordering. The index package assumes that a collection's change sequences become visible in
 order (SQLite has one writer). Here every write that touches a collection first locks that
@@ -32,34 +33,13 @@ import logging
 import re
 import threading
 import time
-import uuid
 from contextlib import contextmanager
-from datetime import datetime, timezone
-from typing import Callable, Iterable, Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
-from server.storage.base import (
-    DEMO_KEYS,
-    EMBEDDING_DIM,
-    KEY_TYPES,
-    ApiKey,
-    Change,
-    FaceAdded,
-    FaceExists,
-    FaceNotFound,
-    FaceRecord,
-    FacesAdded,
-    FacesDeleted,
-    KeyDeleted,
-    KeyNotFound,
-    NewFace,
-    StorageError,
-    SubjectDeleted,
-    SubjectExists,
-    SubjectNotFound,
-    SubjectsDeleted,
-)
+from server.storage.base import ApiKey, Change, StorageError
+from server.storage.sql import SCHEMA_VERSION, SqlStorage, blob_vector, check_name, stack_vectors
 
 try:  # optional dependency: pip install 'facerec-server[postgres]'
     import psycopg
@@ -70,10 +50,8 @@ except ImportError:  # pragma: no cover - reported when a postgresql:// URL is u
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 2  # as sqlite.py: 2 = face_sources (bulk import provenance)
 DEFAULT_CHANNEL = "facerec_changes"
 _SCHEMA_LOCK = 0x66616365  # pg_advisory_xact_lock key: replicas starting together create the schema once
-_VECTOR_DTYPE = np.dtype("<f4")  # little-endian float32, 512 bytes per face (same bytes as SQLite)
 _PAGE = 10_000  # rows per changes_since page
 
 _SCHEMA = """
@@ -141,56 +119,7 @@ CREATE TABLE IF NOT EXISTS changes (
 """
 
 
-# ----------------------------------------------------------------------------- helpers (as sqlite.py)
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat()
-
-
-def _name_key(name: str) -> str:
-    return name.lower()  # Python's Unicode-aware lower(), identical to the SQLite store
-
-
-def _check_name(name: object) -> str:
-    if not isinstance(name, str) or not name.strip():
-        raise StorageError("subject name must be a non-empty string")
-    if "\x00" in name:
-        raise StorageError("subject name must not contain NUL characters")  # PostgreSQL text cannot
-    return name
-
-
-def _vector_blob(embedding: np.ndarray) -> tuple[np.ndarray, bytes]:
-    try:
-        vec = np.asarray(embedding, dtype=_VECTOR_DTYPE)
-    except (TypeError, ValueError) as exc:
-        raise StorageError(f"embedding is not numeric: {exc}") from exc
-    if vec.shape != (EMBEDDING_DIM,):
-        raise StorageError(f"embedding must have shape ({EMBEDDING_DIM},), got {vec.shape}")
-    if not np.isfinite(vec).all():
-        raise StorageError("embedding contains NaN or infinity")
-    vec = np.ascontiguousarray(vec)
-    return vec.astype(np.float32, copy=False), vec.tobytes()
-
-
-def _vector(blob: bytes | None) -> np.ndarray | None:
-    if blob is None:
-        return None
-    return np.frombuffer(blob, dtype=_VECTOR_DTYPE).astype(np.float32)
-
-
-def _canonical_uuid(value: str, what: str) -> str:
-    try:
-        parsed = uuid.UUID(value)
-    except (ValueError, AttributeError, TypeError) as exc:
-        raise StorageError(f"{what} must be a UUID string, got {value!r}") from exc
-    return str(parsed)
-
-
-def _check_image(image: object) -> bytes:
-    if not isinstance(image, (bytes, bytearray, memoryview)):
-        raise StorageError("image must be bytes")
-    return bytes(image)
-
-
+# ----------------------------------------------------------------------------- helpers
 def redact(url: str) -> str:
     """The URL without its password, for messages and logs."""
     return re.sub(r"(://[^:/@]+):[^@/]*@", r"\1:***@", url)
@@ -202,8 +131,12 @@ def libpq_url(url: str) -> str:
 
 
 # ----------------------------------------------------------------------------- storage
-class PostgresStorage:
+class PostgresStorage(SqlStorage):
     """`Storage` over a PostgreSQL database (psycopg 3 + a connection pool). One per process."""
+
+    _LOCK_ROWS = " FOR UPDATE"
+    _KEY_ORDER = 'created COLLATE "C", key COLLATE "C"'  # bytewise, as SQLite: not the database's collation
+    _BEGIN_SNAPSHOT = "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY"
 
     def __init__(
         self,
@@ -315,40 +248,6 @@ class PostgresStorage:
                 conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
                 yield conn
 
-    def _one(self, query: str, args: tuple = ()) -> tuple | None:
-        with self._connection() as conn:
-            return conn.execute(query, args).fetchone()
-
-    def _all(self, query: str, args: tuple = (), binary: bool = False) -> list[tuple]:
-        with self._connection() as conn:
-            return conn.execute(query, args, binary=binary).fetchall()
-
-    @staticmethod
-    def _lock_collection(conn, collection: str) -> bool:
-        """Lock the collection's row until commit (serialises its writers: sequences commit in
-        order); False when the collection does not exist."""
-        return conn.execute("SELECT 1 FROM collections WHERE id = %s FOR UPDATE", (collection,)).fetchone() is not None
-
-    def _require_collection(self, conn, collection: str) -> None:
-        if not self._lock_collection(conn, collection):
-            raise StorageError(f"unknown collection {collection!r}")
-
-    @staticmethod
-    def _next(conn, collection: str, labels: int, seqs: int) -> tuple[int, int]:
-        """Reserve `labels` labels and `seqs` sequences (row locked): (first label, first seq)."""
-        row = conn.execute(
-            """UPDATE collections SET next_label = next_label + %s, last_seq = last_seq + %s
-               WHERE id = %s RETURNING next_label - %s, last_seq - %s + 1""",
-            (labels, seqs, collection, labels, seqs),
-        ).fetchone()
-        if row is None:
-            raise StorageError(f"unknown collection {collection!r}")
-        return int(row[0]), int(row[1])
-
-    def _notify(self, conn, collection: str, what: str) -> None:
-        """Queued now, delivered to the listeners when (and only if) the transaction commits."""
-        conn.execute("SELECT pg_notify(%s, %s)", (self.channel, f"{collection}:{what}"))
-
     def close(self) -> None:
         with self._lock:
             if self._closed:
@@ -359,11 +258,75 @@ class PostgresStorage:
             follower.stop()
         self._pool.close()
 
-    def __enter__(self) -> "PostgresStorage":
-        return self
+    # ------------------------------------------------------------------ dialect
+    def _execute(self, conn, sql: str, args: Sequence = (), binary: bool = False):
+        # shared SQL is written with `?`; psycopg's placeholder is %s (no shared statement has a literal ? or %)
+        return conn.execute(sql.replace("?", "%s"), args or None, binary=binary)
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def _executemany(self, conn, sql: str, rows: list[tuple]) -> None:
+        with conn.cursor() as cur:
+            cur.executemany(sql.replace("?", "%s"), rows)
+
+    def _select_in(self, conn, sql: str, args: tuple, values: Sequence) -> list[tuple]:
+        if not values:
+            return []
+        # one array parameter instead of a list of placeholders
+        return self._execute(conn, sql.format(**{"in": "= ANY(?)"}), (*args, list(values))).fetchall()
+
+    def _read_in(self, sql: str, args: tuple, values: Sequence) -> list[tuple]:
+        if not values:
+            return []  # without taking a pooled connection
+        with self._connection() as conn:  # one statement: a snapshot without a transaction
+            return self._select_in(conn, sql, args, values)
+
+    def _delete_face_ids(self, conn, ids: list[int]) -> None:
+        for table, column in (("images", "face_id"), ("face_sources", "face_id"), ("faces", "id")):
+            conn.execute(f"DELETE FROM {table} WHERE {column} = ANY(%s)", (ids,))
+
+    def _lock_collection(self, conn, collection: str) -> None:
+        """Lock the collection's row until commit (serialises its writers: sequences commit in order)."""
+        self._collection_exists(conn, collection)
+
+    def _notify(self, conn, collection: str, what: str) -> None:
+        """Queued now, delivered to the listeners when (and only if) the transaction commits."""
+        conn.execute("SELECT pg_notify(%s, %s)", (self.channel, f"{collection}:{what}"))
+
+    # PostgreSQL text cannot hold NUL: such names are refused, such lookups find nothing
+    @staticmethod
+    def _check_name(name: object) -> str:
+        check_name(name)
+        if "\x00" in name:
+            raise StorageError("subject name must not contain NUL characters")
+        return name
+
+    @staticmethod
+    def _image_id_arg(image_id: object) -> str | None:
+        text = str(image_id)
+        return None if "\x00" in text else text
+
+    def _subject_row(self, conn, collection: str, name: str) -> tuple[int, str] | None:
+        if not isinstance(name, str) or "\x00" in name:
+            return None
+        return super()._subject_row(conn, collection, name)
+
+    def _face_filter(self, conn, collection: str, subject: str | None) -> tuple[str | None, tuple]:
+        if subject is not None and (not isinstance(subject, str) or "\x00" in subject):
+            return None, ()
+        return super()._face_filter(conn, collection, subject)
+
+    def create_key(self, type: str, name: str = "", key: str | None = None) -> ApiKey:
+        record = self._new_key(type, (name or "").replace("\x00", ""), key)
+        try:
+            with self._write() as conn:
+                self._insert_key(conn, record)
+        except pg_errors.UniqueViolation as exc:  # created meanwhile by another replica
+            raise StorageError(f"key {record.key} already exists") from exc
+        return record
+
+    def find_key(self, key: str) -> ApiKey | None:
+        if not isinstance(key, str) or "\x00" in key:
+            return None
+        return super().find_key(key)
 
     # ------------------------------------------------------------------ following other replicas
     def start_follower(
@@ -395,443 +358,20 @@ class PostgresStorage:
     def follower(self) -> "_Follower | None":
         return self._follower
 
-    # ------------------------------------------------------------------ keys
-    _KEY_COLUMNS = "key, type, name, created, collection"
-
-    @staticmethod
-    def _key_row(row: tuple) -> ApiKey:
-        return ApiKey(key=row[0], type=row[1], name=row[2], created=row[3], collection=row[4])
-
-    def create_key(self, type: str, name: str = "", key: str | None = None) -> ApiKey:
-        if type not in KEY_TYPES:
-            raise StorageError(f"key type must be one of {', '.join(KEY_TYPES)}, got {type!r}")
-        value = str(uuid.uuid4()) if key is None else _canonical_uuid(key, "key")
-        record = ApiKey(key=value, type=type, name=(name or "").replace("\x00", ""), created=_now(),
-                        collection=uuid.uuid4().hex)
-        try:
-            with self._write() as conn:
-                if conn.execute("SELECT 1 FROM api_keys WHERE key = %s", (value,)).fetchone():
-                    raise StorageError(f"key {value} already exists")
-                conn.execute(
-                    f"INSERT INTO api_keys ({self._KEY_COLUMNS}) VALUES (%s, %s, %s, %s, %s)",
-                    (record.key, record.type, record.name, record.created, record.collection),
-                )
-                conn.execute("INSERT INTO collections (id) VALUES (%s)", (record.collection,))
-        except pg_errors.UniqueViolation as exc:  # created meanwhile by another replica
-            raise StorageError(f"key {value} already exists") from exc
-        return record
-
-    def find_key(self, key: str) -> ApiKey | None:
-        if not isinstance(key, str) or "\x00" in key:
-            return None
-        row = self._one(f"SELECT {self._KEY_COLUMNS} FROM api_keys WHERE key = %s", (key,))
-        return None if row is None else self._key_row(row)
-
-    def list_keys(self) -> list[ApiKey]:
-        rows = self._all(f'SELECT {self._KEY_COLUMNS} FROM api_keys ORDER BY created COLLATE "C", key COLLATE "C"')
-        return [self._key_row(r) for r in rows]
-
-    def delete_key(self, key: str) -> KeyDeleted:
-        with self._write() as conn:
-            row = conn.execute(f"SELECT {self._KEY_COLUMNS} FROM api_keys WHERE key = %s FOR UPDATE",
-                               (key,)).fetchone()
-            if row is None:
-                raise KeyNotFound(key)
-            record = self._key_row(row)
-            c = record.collection
-            self._lock_collection(conn, c)  # waits for writers of this collection in flight
-            faces = conn.execute("SELECT COUNT(*) FROM faces WHERE collection = %s", (c,)).fetchone()[0]
-            conn.execute("DELETE FROM images WHERE face_id IN (SELECT id FROM faces WHERE collection = %s)", (c,))
-            for table in ("face_sources", "faces", "subjects", "changes"):
-                conn.execute(f"DELETE FROM {table} WHERE collection = %s", (c,))
-            conn.execute("DELETE FROM collections WHERE id = %s", (c,))
-            conn.execute("DELETE FROM api_keys WHERE key = %s", (key,))
-            self._notify(conn, c, "drop")
-        return KeyDeleted(key=record, faces_deleted=int(faces))
-
-    def seed_demo_keys(self) -> list[ApiKey]:
-        result = []
-        for key, type_ in DEMO_KEYS.items():
-            existing = self.find_key(key)
-            if existing is None:
-                try:
-                    existing = self.create_key(type_, name=f"demo {type_}", key=key)
-                except StorageError:  # created meanwhile by another replica
-                    existing = self.find_key(key)
-            result.append(existing)
-        return result
-
-    # ------------------------------------------------------------------ subjects
-    @staticmethod
-    def _subject_row(conn, collection: str, name: str) -> tuple[int, str] | None:
-        if "\x00" in name:
-            return None
-        return conn.execute(
-            "SELECT id, name FROM subjects WHERE collection = %s AND name_key = %s", (collection, _name_key(name))
-        ).fetchone()
-
-    @staticmethod
-    def _insert_subject(conn, collection: str, name: str, created: str) -> tuple[int, str]:
-        row = conn.execute(
-            "INSERT INTO subjects (collection, name, name_key, created) VALUES (%s, %s, %s, %s) RETURNING id",
-            (collection, name, _name_key(name), created),
-        ).fetchone()
-        return int(row[0]), name
-
-    def add_subject(self, collection: str, name: str) -> str:
-        _check_name(name)
-        with self._write() as conn:
-            self._require_collection(conn, collection)
-            if self._subject_row(conn, collection, name) is not None:
-                raise SubjectExists(name)
-            self._insert_subject(conn, collection, name, _now())
-        return name
-
-    def find_subject(self, collection: str, name: str) -> str | None:
-        if not isinstance(name, str):
-            return None
-        with self._connection() as conn:
-            row = self._subject_row(conn, collection, name)
-        return None if row is None else row[1]
-
-    def list_subjects(self, collection: str) -> list[str]:
-        return [r[0] for r in self._all("SELECT name FROM subjects WHERE collection = %s ORDER BY id", (collection,))]
-
-    def subject_face_counts(self, collection: str) -> dict[str, int]:
-        rows = self._all(
-            """SELECT s.name, (SELECT COUNT(*) FROM faces f WHERE f.subject_id = s.id)
-               FROM subjects s WHERE s.collection = %s ORDER BY s.id""",
-            (collection,),
-        )
-        return {name: int(count) for name, count in rows}
-
-    def rename_subject(self, collection: str, old: str, new: str) -> bool:
-        if not isinstance(new, str) or not new.strip() or new == old:
-            return False
-        _check_name(new)
-        with self._write() as conn:
-            self._lock_collection(conn, collection)
-            source = self._subject_row(conn, collection, old) if isinstance(old, str) else None
-            if source is None:
-                raise SubjectNotFound(old)
-            target = self._subject_row(conn, collection, new)
-            if target is None or target[0] == source[0]:
-                conn.execute("UPDATE subjects SET name = %s, name_key = %s WHERE id = %s",
-                             (new, _name_key(new), source[0]))
-            else:  # merge: faces keep labels and vectors, only the owner changes
-                conn.execute("UPDATE faces SET subject_id = %s WHERE subject_id = %s", (target[0], source[0]))
-                conn.execute("DELETE FROM subjects WHERE id = %s", (source[0],))
-        return True
-
-    def delete_subject(self, collection: str, name: str) -> SubjectDeleted:
-        with self._write() as conn:
-            self._lock_collection(conn, collection)
-            row = self._subject_row(conn, collection, name) if isinstance(name, str) else None
-            if row is None:
-                raise SubjectNotFound(name)
-            changes = self._delete_face_rows(conn, collection, "f.subject_id = %s", (row[0],))[1]
-            conn.execute("DELETE FROM subjects WHERE id = %s", (row[0],))
-        return SubjectDeleted(subject=row[1], faces_deleted=len(changes), changes=changes)
-
-    def delete_all_subjects(self, collection: str) -> SubjectsDeleted:
-        with self._write() as conn:
-            self._lock_collection(conn, collection)
-            changes = self._delete_face_rows(conn, collection, "TRUE", ())[1]
-            deleted = conn.execute("DELETE FROM subjects WHERE collection = %s", (collection,)).rowcount
-        return SubjectsDeleted(deleted=deleted, faces_deleted=len(changes), changes=changes)
-
-    # ------------------------------------------------------------------ faces
-    def add_face(
-        self,
-        collection: str,
-        subject: str,
-        embedding: np.ndarray,
-        image: bytes,
-        image_id: str | None = None,
-    ) -> FaceAdded:
-        _check_name(subject)
-        vector, blob = _vector_blob(embedding)
-        data = _check_image(image)
-        face_id = str(uuid.uuid4()) if image_id is None else _canonical_uuid(image_id, "image_id")
-        created = _now()
-        with self._write() as conn:
-            self._require_collection(conn, collection)
-            if conn.execute("SELECT 1 FROM faces WHERE collection = %s AND image_id = %s",
-                            (collection, face_id)).fetchone():
-                raise FaceExists(face_id)
-            label, seq = self._next(conn, collection, 1, 1)
-            row = self._subject_row(conn, collection, subject)
-            subject_created = row is None
-            if row is None:
-                row = self._insert_subject(conn, collection, subject, created)
-            face_row = conn.execute(
-                """INSERT INTO faces (collection, label, image_id, subject_id, seq, created, embedding)
-                   VALUES (%s, %s, %s, %s, %s, %s, %s) RETURNING id""",
-                (collection, label, face_id, row[0], seq, created, blob),
-            ).fetchone()
-            conn.execute("INSERT INTO images (face_id, data) VALUES (%s, %s)", (face_row[0], data))
-            self._log_changes(conn, collection, [(seq, "add", label, blob)])
-        face = FaceRecord(image_id=face_id, subject=row[1], label=label, sequence=seq, created=created,
-                          embedding=vector.copy())
-        return FaceAdded(face=face, changes=[Change(seq, "add", label, vector)], subject_created=subject_created)
-
-    def add_faces(self, collection: str, faces: Sequence[NewFace]) -> FacesAdded:
-        prepared = []
-        for f in list(faces):
-            _check_name(f.subject)
-            vector, blob = _vector_blob(f.embedding)
-            data = _check_image(f.image)
-            face_id = str(uuid.uuid4()) if f.image_id is None else _canonical_uuid(f.image_id, "image_id")
-            prepared.append((f, vector, blob, face_id, data))
-        ids = [p[3] for p in prepared]
-        if len(set(ids)) != len(ids):
-            raise FaceExists(next(i for i in ids if ids.count(i) > 1))
-        if not prepared:
-            return FacesAdded(faces=[], changes=[], subjects_created=[])
-        created = _now()
-        n = len(prepared)
-        with self._write() as conn:
-            self._require_collection(conn, collection)
-            taken = conn.execute(
-                "SELECT image_id FROM faces WHERE collection = %s AND image_id = ANY(%s) LIMIT 1", (collection, ids)
-            ).fetchone()
-            if taken is not None:
-                raise FaceExists(taken[0])
-            first_label, first_seq = self._next(conn, collection, n, n)
-            subjects: dict[str, tuple[int, str]] = {}
-            subjects_created: list[str] = []
-            for f, *_ in prepared:
-                key = _name_key(f.subject)
-                if key in subjects:
-                    continue
-                row = self._subject_row(conn, collection, f.subject)
-                if row is None:
-                    row = self._insert_subject(conn, collection, f.subject, created)
-                    subjects_created.append(f.subject)
-                subjects[key] = row
-            with conn.cursor() as cur:
-                cur.executemany(
-                    """INSERT INTO faces (collection, label, image_id, subject_id, seq, created, embedding)
-                       VALUES (%s, %s, %s, %s, %s, %s, %s)""",
-                    [(collection, first_label + i, face_id, subjects[_name_key(f.subject)][0], first_seq + i,
-                      created, blob) for i, (f, _, blob, face_id, _) in enumerate(prepared)],
-                )
-                row_ids = dict(conn.execute(
-                    "SELECT label, id FROM faces WHERE collection = %s AND label >= %s AND label < %s",
-                    (collection, first_label, first_label + n),
-                ).fetchall())
-                images = [(row_ids[first_label + i], p[4]) for i, p in enumerate(prepared) if p[4]]
-                if images:
-                    cur.executemany("INSERT INTO images (face_id, data) VALUES (%s, %s)", images)
-                sources = [(row_ids[first_label + i], collection, p[0].sha256, p[0].source or "")
-                           for i, p in enumerate(prepared) if p[0].sha256]
-                if sources:
-                    cur.executemany(
-                        "INSERT INTO face_sources (face_id, collection, sha256, path) VALUES (%s, %s, %s, %s)", sources
-                    )
-            self._log_changes(conn, collection,
-                              [(first_seq + i, "add", first_label + i, p[2]) for i, p in enumerate(prepared)])
-        records, changes = [], []
-        for i, (f, vector, _, face_id, _) in enumerate(prepared):
-            name = subjects[_name_key(f.subject)][1]
-            records.append(FaceRecord(image_id=face_id, subject=name, label=first_label + i, sequence=first_seq + i,
-                                      created=created, embedding=vector.copy()))
-            changes.append(Change(first_seq + i, "add", first_label + i, vector))
-        return FacesAdded(faces=records, changes=changes, subjects_created=subjects_created)
-
-    def _log_changes(self, conn, collection: str, rows: list[tuple[int, str, int, bytes | None]]) -> None:
-        """Change rows (seq, op, label, vector bytes) plus the notification of the last seq."""
-        if not rows:
-            return
-        with conn.cursor() as cur:
-            cur.executemany(
-                "INSERT INTO changes (collection, seq, op, label, vector) VALUES (%s, %s, %s, %s, %s)",
-                [(collection, seq, op, label, blob) for seq, op, label, blob in rows],
-            )
-        self._notify(conn, collection, str(rows[-1][0]))
-
-    def known_sources(self, collection: str, sha256s: Iterable[str]) -> set[str]:
-        wanted = sorted({str(x) for x in sha256s})
-        if not wanted:
-            return set()
-        rows = self._all("SELECT DISTINCT sha256 FROM face_sources WHERE collection = %s AND sha256 = ANY(%s)",
-                         (collection, wanted))
-        return {r[0] for r in rows}
-
-    def subject_vectors(self, collection: str, subject: str) -> tuple[str, list[str], np.ndarray]:
-        with self._read() as conn:
-            row = self._subject_row(conn, collection, subject) if isinstance(subject, str) else None
-            if row is None:
-                raise SubjectNotFound(subject)
-            rows = conn.execute("SELECT image_id, embedding FROM faces WHERE subject_id = %s ORDER BY label",
-                                (row[0],), binary=True).fetchall()
-        vectors = np.frombuffer(b"".join(r[1] for r in rows), dtype=_VECTOR_DTYPE).reshape(len(rows), EMBEDDING_DIM)
-        return row[1], [r[0] for r in rows], vectors.astype(np.float32)
-
-    _FACE_COLUMNS = "f.image_id, s.name, f.label, f.seq, f.created"
-
-    @staticmethod
-    def _face(row: tuple, embedding: np.ndarray | None = None) -> FaceRecord:
-        return FaceRecord(image_id=row[0], subject=row[1], label=int(row[2]), sequence=int(row[3]), created=row[4],
-                          embedding=embedding)
-
-    @staticmethod
-    def _face_filter(conn, collection: str, subject: str | None) -> tuple[str | None, tuple]:
-        """WHERE clause over `faces`; None when the (exactly spelled) subject does not exist."""
-        if subject is None:
-            return "collection = %s", (collection,)
-        if not isinstance(subject, str) or "\x00" in subject:
-            return None, ()
-        row = conn.execute("SELECT id FROM subjects WHERE collection = %s AND name = %s",
-                           (collection, subject)).fetchone()
-        if row is None:
-            return None, ()
-        return "subject_id = %s", (row[0],)
-
-    def list_faces(
-        self, collection: str, subject: str | None = None, page: int = 0, size: int = 20
-    ) -> tuple[list[FaceRecord], int]:
-        if page < 0 or size < 1:
-            raise StorageError(f"page must be >= 0 and size >= 1, got page={page} size={size}")
-        with self._read() as conn:
-            where, args = self._face_filter(conn, collection, subject)
-            if where is None:
-                return [], 0
-            total = conn.execute(f"SELECT COUNT(*) FROM faces WHERE {where}", args).fetchone()[0]
-            rows = conn.execute(
-                f"""SELECT {self._FACE_COLUMNS}
-                    FROM (SELECT id FROM faces WHERE {where} ORDER BY label LIMIT %s OFFSET %s) p
-                    JOIN faces f ON f.id = p.id JOIN subjects s ON s.id = f.subject_id
-                    ORDER BY f.label""",
-                (*args, size, page * size),
-            ).fetchall()
-        return [self._face(r) for r in rows], int(total)
-
-    def count_faces(self, collection: str, subject: str | None = None) -> int:
-        with self._read() as conn:
-            where, args = self._face_filter(conn, collection, subject)
-            if where is None:
-                return 0
-            return int(conn.execute(f"SELECT COUNT(*) FROM faces WHERE {where}", args).fetchone()[0])
-
-    @staticmethod
-    def _image_id_arg(image_id: object) -> str | None:
-        text = str(image_id)
-        return None if "\x00" in text else text
-
-    def get_face(self, collection: str, image_id: str) -> FaceRecord:
-        key = self._image_id_arg(image_id)
-        row = None if key is None else self._one(
-            f"""SELECT {self._FACE_COLUMNS}, f.embedding FROM faces f JOIN subjects s ON s.id = f.subject_id
-                WHERE f.collection = %s AND f.image_id = %s""",
-            (collection, key),
-        )
-        if row is None:
-            raise FaceNotFound(image_id)
-        return self._face(row, _vector(bytes(row[5])))
-
-    def get_image(self, collection: str, image_id: str) -> bytes | None:
-        key = self._image_id_arg(image_id)
-        row = None if key is None else self._one(
-            """SELECT i.data FROM faces f JOIN images i ON i.face_id = f.id
-               WHERE f.collection = %s AND f.image_id = %s""",
-            (collection, key),
-        )
-        return None if row is None else bytes(row[0])
-
-    def faces_by_labels(self, collection: str, labels: Iterable[int]) -> dict[int, tuple[str, str]]:
-        wanted = sorted({int(x) for x in labels})
-        if not wanted:
-            return {}
-        rows = self._all(
-            """SELECT f.label, f.image_id, s.name FROM faces f JOIN subjects s ON s.id = f.subject_id
-               WHERE f.collection = %s AND f.label = ANY(%s)""",
-            (collection, wanted),
-        )
-        return {int(label): (image_id, name) for label, image_id, name in rows}
-
-    def _delete_face_rows(self, conn, collection: str, where: str, args: tuple) -> tuple[list[FaceRecord], list[Change]]:
-        rows = conn.execute(
-            f"""SELECT f.id, {self._FACE_COLUMNS} FROM faces f JOIN subjects s ON s.id = f.subject_id
-                WHERE f.collection = %s AND ({where}) ORDER BY f.label""",
-            (collection, *args),
-        ).fetchall()
-        return self._delete_rows(conn, collection, rows)
-
-    def _delete_rows(self, conn, collection: str, rows: list[tuple]) -> tuple[list[FaceRecord], list[Change]]:
-        if not rows:
-            return [], []
-        _, first_seq = self._next(conn, collection, 0, len(rows))
-        faces = [self._face(row[1:]) for row in rows]
-        changes = [Change(first_seq + i, "delete", face.label, None) for i, face in enumerate(faces)]
-        ids = [int(r[0]) for r in rows]
-        for table, column in (("images", "face_id"), ("face_sources", "face_id"), ("faces", "id")):
-            conn.execute(f"DELETE FROM {table} WHERE {column} = ANY(%s)", (ids,))
-        self._log_changes(conn, collection, [(c.seq, "delete", c.label, None) for c in changes])
-        return faces, changes
-
-    def delete_faces(self, collection: str, image_ids: Sequence[str]) -> FacesDeleted:
-        ordered: list[str] = []
-        for image_id in image_ids:  # keep request order, drop duplicates
-            text = str(image_id)
-            if text not in ordered and "\x00" not in text:
-                ordered.append(text)
-        with self._write() as conn:
-            self._lock_collection(conn, collection)
-            found: dict[str, tuple] = {}
-            if ordered:
-                for row in conn.execute(
-                    f"""SELECT f.id, {self._FACE_COLUMNS} FROM faces f JOIN subjects s ON s.id = f.subject_id
-                        WHERE f.collection = %s AND f.image_id = ANY(%s)""",
-                    (collection, ordered),
-                ):
-                    found[row[1]] = row
-            rows = [found[i] for i in ordered if i in found]
-            faces, changes = self._delete_rows(conn, collection, rows)
-        return FacesDeleted(faces=faces, changes=changes)
-
-    def delete_subject_faces(self, collection: str, subject: str) -> FacesDeleted:
-        with self._write() as conn:
-            self._lock_collection(conn, collection)
-            row = self._subject_row(conn, collection, subject) if isinstance(subject, str) else None
-            if row is None:
-                return FacesDeleted(faces=[], changes=[], subject=None)
-            faces, changes = self._delete_face_rows(conn, collection, "f.subject_id = %s", (row[0],))
-            conn.execute("DELETE FROM subjects WHERE id = %s", (row[0],))
-        return FacesDeleted(faces=faces, changes=changes, subject=row[1])
-
     # ------------------------------------------------------------------ change feed
-    def current_sequence(self, collection: str) -> int:
-        row = self._one("SELECT last_seq FROM collections WHERE id = %s", (collection,))
-        return 0 if row is None else int(row[0])
-
     def collection_sequences(self) -> dict[str, int]:
         """{collection: last_seq} of every collection (the follower's poll)."""
         return {c: int(s) for c, s in self._all("SELECT id, last_seq FROM collections")}
 
-    def all_vectors(self, collection: str, chunk: int = 10_000) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        return self.snapshot_vectors(collection, chunk)[1]
-
-    def snapshot_vectors(
-        self, collection: str, chunk: int = 10_000
-    ) -> tuple[int, Iterator[tuple[np.ndarray, np.ndarray]]]:
-        if chunk < 1:
-            raise StorageError("chunk must be >= 1")
-        if self._closed:
-            raise StorageError("storage is closed")
-        # A connection of its own (not the pool's): the iterator may be consumed later or on
-        # another thread, and its REPEATABLE READ transaction is the snapshot.
+    def _open_snapshot(self):
+        # a connection of its own, not the pool's: its REPEATABLE READ transaction is the snapshot
         try:
-            conn = self._connect_once(10)
+            return self._connect_once(10)
         except psycopg.OperationalError as exc:
             raise StorageError(f"database error: {exc}") from exc
-        try:
-            conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
-            row = conn.execute("SELECT last_seq FROM collections WHERE id = %s", (collection,)).fetchone()
-        except BaseException:
-            conn.close()
-            raise
-        return (0 if row is None else int(row[0])), _SnapshotChunks(conn, collection, chunk)
+
+    def _snapshot_chunks(self, conn, collection: str, chunk: int) -> "_SnapshotChunks":
+        return _SnapshotChunks(conn, collection, chunk)
 
     def changes_since(self, collection: str, sequence: int) -> Iterator[Change]:
         last = int(sequence)
@@ -854,7 +394,7 @@ class PostgresStorage:
             if not page:
                 return
             for _, seq, op, label, blob in page:
-                yield Change(int(seq), op, int(label), _vector(None if blob is None else bytes(blob)))
+                yield Change(int(seq), op, int(label), blob_vector(None if blob is None else bytes(blob)))
             last = int(page[-1][1])
             if len(page) < _PAGE:
                 return
@@ -905,8 +445,7 @@ class _SnapshotChunks:
             raise StopIteration
         self._after = int(rows[-1][0])
         labels = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
-        vectors = np.frombuffer(b"".join(bytes(r[1]) for r in rows), dtype=_VECTOR_DTYPE)
-        return labels, vectors.reshape(len(rows), EMBEDDING_DIM).astype(np.float32)
+        return labels, stack_vectors((bytes(r[1]) for r in rows), len(rows))
 
     def close(self) -> None:
         conn, self._conn = self._conn, None
