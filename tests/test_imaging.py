@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 
 from server.imaging import (
+    CorruptImage,
     ImageError,
     ImageTooLarge,
     decode_image,
@@ -155,3 +156,21 @@ def test_same_photo_in_several_formats_decodes_alike():
                                      (None, False), ("x.jpg.exe", False)])
 def test_extension_rule(name, ok):
     assert extension_allowed(name) is ok
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_jpeg_fast_path_equals_pillow(orientation):
+    """Colour JPEGs are decoded by OpenCV (faster); the pixels must be Pillow's, EXIF rotation included."""
+    from PIL import ImageOps
+    from skimage.data import astronaut
+
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    buf = io.BytesIO()
+    Image.fromarray(astronaut()[:200, :300]).save(buf, "JPEG", quality=90, exif=exif.tobytes())
+    data = buf.getvalue()
+    expected = np.asarray(ImageOps.exif_transpose(Image.open(io.BytesIO(data))).convert("RGB"))
+    got = decode_image(data)
+    assert got.shape == expected.shape and np.array_equal(got, expected)
+    with pytest.raises(CorruptImage):  # cut short: still refused, as Pillow refuses it
+        decode_image(data[: len(data) * 2 // 3])
