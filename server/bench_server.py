@@ -17,6 +17,7 @@ import argparse
 import asyncio
 import io
 import json
+import os
 import re
 import statistics
 import sys
@@ -74,6 +75,12 @@ async def load(base: str, key: str, jpeg: bytes, clients: int, seconds: float) -
     return {"clients": clients, "requests": len(latencies), "ok": ok, "req_per_s": ok / elapsed,
             "p50_ms": float(np.percentile(latencies, 50)), "p99_ms": float(np.percentile(latencies, 99)),
             "errors": len(latencies) - ok}
+
+
+def _cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process, all its threads (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def raw_pipeline(settings: Settings, img: np.ndarray, seconds: float) -> list[dict]:
@@ -164,8 +171,14 @@ def main(argv: list[str] | None = None) -> int:
             asyncio.run(load(base, key, jpeg, 2, 3))  # warm-up
             for n in (int(x) for x in args.clients.split(",")):
                 before = batch_means(c.get("/metrics").text)
+                cpu0 = (_cpu_s(server.proc.pid), sum(os.times()[:2]))
                 row = asyncio.run(load(base, key, jpeg, n, args.seconds))
+                cpu1 = (_cpu_s(server.proc.pid), sum(os.times()[:2]))
                 after = batch_means(c.get("/metrics").text)
+                # where the machine's time goes, per answered request: the server process (HTTP,
+                # decoding, inference, search) and this load generator (httpx), which share the cores
+                row["server_cpu_ms"] = (cpu1[0] - cpu0[0]) * 1000 / max(1, row["requests"])
+                row["loadgen_cpu_ms"] = (cpu1[1] - cpu0[1]) * 1000 / max(1, row["requests"])
                 for model in sorted(after):
                     s0, n0 = before.get(model, (0.0, 0.0))
                     calls = after[model][1] - n0
@@ -182,7 +195,8 @@ def main(argv: list[str] | None = None) -> int:
     best_one_stream = max(r["images_per_s"] for r in report["raw_pipeline"] if r["streams"] == 1)
     levels = {r["clients"]: r for r in report["levels"]}
     print(f"\n# server benchmark: recognize, 1-face 640x480 JPEG, backend {args.backend} {env_extra or ''}\n")
-    print(_table(report["levels"], {"req_per_s": ".1f", "p50_ms": ".0f", "p99_ms": ".0f"}))
+    print(_table(report["levels"], {"req_per_s": ".1f", "p50_ms": ".0f", "p99_ms": ".0f", "server_cpu_ms": ".1f",
+                                     "loadgen_cpu_ms": ".1f"}))
     print("\n## raw pipeline in-process (no HTTP, no batcher)\n")
     print(_table(report["raw_pipeline"], {"images_per_s": ".1f"}))
     ratios = {}

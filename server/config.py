@@ -46,6 +46,9 @@ class Settings:
     database_changes_retention_s: float = 600.0
     max_file_size: int = 5 * 1024 * 1024
     max_body_size: int = 10 * 1024 * 1024
+    # a request body must keep arriving: at most this long between two of its chunks (0: no limit),
+    # else 408; a stalled client no longer holds a connection and a half-read body for ever
+    body_read_timeout_s: float = 30.0
     seed_demo_keys: bool = False
     # similarity = (tanh((c0 - d) * c1) + 1) / 2 on L2-normalised descriptors, calibrated for our
     # embedder on ../shared/facedata/dev pairs by `python -m server.bench pipeline`: c0 is the

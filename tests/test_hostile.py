@@ -40,6 +40,7 @@ from tests.api_server import astronaut, blank, encode, live_server
 
 R, D, V = "/api/v1/recognition", "/api/v1/detection", "/api/v1/verification"
 TIMEOUT_S = 30.0  # per request: a hang is a failure, never a stuck test
+BODY_TIMEOUT_S = 2.0  # between two chunks of a body (Settings.body_read_timeout_s)
 CASE_BOUND_S = 10.0  # what one case may take at most (the slowest takes ~2 s on 2 busy cores)
 MB = 1024 * 1024
 
@@ -81,7 +82,7 @@ def logwatch():
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, model_dir, logwatch):
-    with live_server(tmp_path_factory.mktemp("hostile"), model_dir) as srv:
+    with live_server(tmp_path_factory.mktemp("hostile"), model_dir, body_read_timeout_s=BODY_TIMEOUT_S) as srv:
         yield srv
 
 
@@ -576,6 +577,42 @@ def test_body_over_limit_is_refused_without_reading_it(ctx):
     assert head.startswith(b"HTTP/1.1 413"), head[:200]
     assert time.monotonic() - started < 5
     assert b'"code":0' in head or b"content-length" in head.lower()
+
+
+def _read_head(s: socket.socket) -> bytes:
+    head = b""
+    while b"\r\n\r\n" not in head:
+        chunk = s.recv(4096)
+        if not chunk:
+            break
+        head += chunk
+    return head
+
+
+def test_stalled_body_gets_408_and_a_slow_steady_one_is_served(ctx):
+    """A client that stops sending its body is answered 408 after body_read_timeout_s (it no longer
+    holds the connection for ever); one that sends slowly but keeps sending is served."""
+    host, port = ctx.base_url.rsplit("//", 1)[1].split(":")
+    body = json.dumps({"file": base64.b64encode(FACE_JPG).decode()}).encode()
+    head = (f"POST {R}/recognize HTTP/1.1\r\nHost: x\r\nx-api-key: {ctx.rkey}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n").encode()
+    with socket.create_connection((host, int(port)), timeout=30) as s:
+        s.sendall(head + body[:100])  # ... and nothing more
+        started = time.monotonic()
+        reply = _read_head(s)
+        waited = time.monotonic() - started
+    assert reply.startswith(b"HTTP/1.1 408"), reply[:300]
+    assert b"Request body was not received within 2 s" in reply
+    assert BODY_TIMEOUT_S - 0.5 < waited < BODY_TIMEOUT_S + 5
+
+    with socket.create_connection((host, int(port)), timeout=60) as s:
+        s.sendall(head)
+        step = len(body) // 4 + 1
+        for i in range(0, len(body), step):  # four parts, each well within the timeout of the last
+            time.sleep(BODY_TIMEOUT_S * 0.6)
+            s.sendall(body[i:i + step])
+        reply = _read_head(s)
+    assert reply.startswith(b"HTTP/1.1 200"), reply[:300]
 
 
 def test_stored_examples_survived_the_corpus(ctx):

@@ -172,6 +172,11 @@ def body_too_large(limit: int) -> ApiError:
     return ApiError(413, 0, f"Request body is larger than {limit} bytes")
 
 
+def body_timeout(seconds: float) -> ApiError:
+    """The client stopped sending its body (a slow or stalled client): not CompreFace's (it has none)."""
+    return ApiError(408, 0, f"Request body was not received within {seconds:g} s")
+
+
 def unsupported_media_type(content_type: str) -> ApiError:
     return ApiError(415, 0, f"Content type '{content_type}' not supported")
 

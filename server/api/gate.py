@@ -14,6 +14,8 @@ import logging
 import re
 from typing import Any
 
+import anyio
+
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -85,7 +87,7 @@ class Gate:
             if length is not None and length > limit:
                 raise errors.body_too_large(limit)
             await self._authenticate(scope)
-            await self.app(scope, _counting(receive, limit), tracking_send)
+            await self.app(scope, _guarded(receive, limit, self.state.settings.body_read_timeout_s), tracking_send)
         except ClientDisconnect:
             return  # nobody left to answer
         except Exception as exc:  # noqa: BLE001 - the last resort: always a JSON error
@@ -139,16 +141,27 @@ def _content_length(scope: Scope) -> int | None:
     return None
 
 
-def _counting(receive: Receive, limit: int) -> Receive:
+def _guarded(receive: Receive, limit: int, timeout_s: float) -> Receive:
+    """The app's receive: the body is counted against `limit` (413) and each of its chunks must
+    arrive within `timeout_s` (408). Once the body is complete, receive passes straight through:
+    what comes next is http.disconnect, which inference waits for without a time limit."""
     received = 0
+    complete = False
 
     async def wrapped() -> Message:
-        nonlocal received
-        message: Any = await receive()
+        nonlocal received, complete
+        if complete:
+            return await receive()
+        try:
+            with anyio.fail_after(timeout_s if timeout_s > 0 else None):
+                message: Any = await receive()
+        except TimeoutError:
+            raise errors.body_timeout(timeout_s) from None
         if message["type"] == "http.request":
             received += len(message.get("body", b""))
             if received > limit:
                 raise errors.body_too_large(limit)
+            complete = not message.get("more_body", False)
         return message
 
     return wrapped
