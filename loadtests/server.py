@@ -18,7 +18,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Mapping
+from typing import Callable, Mapping
 
 import httpx
 
@@ -30,6 +30,27 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def wait_ready(base_url: str, timeout_s: float, died: Callable[[], str | None], poll_s: float = 0.1) -> None:
+    """Poll GET /ready until 200. RuntimeError when `died()` names a reason, when /ready reports a
+    failed start, or after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    with httpx.Client(base_url=base_url, timeout=5) as c:
+        while time.monotonic() < deadline:
+            reason = died()
+            if reason:
+                raise RuntimeError(reason)
+            try:
+                r = c.get("/ready")
+                if r.status_code == 200:
+                    return
+                if "failed" in r.json().get("reason", ""):
+                    raise RuntimeError(f"the server is not ready: {r.text}")
+            except httpx.TransportError:
+                pass
+            time.sleep(poll_s)
+    raise RuntimeError(f"the server did not become ready in {timeout_s:.0f} s")
 
 
 class LocalServer:
@@ -66,22 +87,13 @@ class LocalServer:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(self.args, cwd=ROOT, env=self.env, stdout=self._log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + timeout_s
-        with httpx.Client(base_url=self.base_url, timeout=5) as c:
-            while time.monotonic() < deadline:
-                if self.proc.poll() is not None:
-                    raise RuntimeError(f"the server exited with {self.proc.returncode}:\n{self.log_tail()}")
-                try:
-                    r = c.get("/ready")
-                    if r.status_code == 200:
-                        return self
-                    if "failed" in r.json().get("reason", ""):
-                        raise RuntimeError(f"the server is not ready: {r.text}\n{self.log_tail()}")
-                except httpx.TransportError:
-                    pass
-                time.sleep(0.2)
-        self.stop()
-        raise RuntimeError(f"the server did not become ready in {timeout_s:.0f} s:\n{self.log_tail()}")
+        try:
+            wait_ready(self.base_url, timeout_s, died=lambda: None if self.proc.poll() is None
+                       else f"the server exited with {self.proc.returncode}")
+        except RuntimeError as exc:
+            self.stop()
+            raise RuntimeError(f"{exc}\n{self.log_tail()}") from None
+        return self
 
     def stop(self, timeout_s: float = 30.0) -> int | None:
         """SIGTERM (uvicorn's graceful shutdown: index snapshots, storage closed), then SIGKILL."""

@@ -11,7 +11,6 @@ from __future__ import annotations
 import io
 import socket
 import threading
-import time
 from pathlib import Path
 from typing import Iterator
 
@@ -20,6 +19,7 @@ import numpy as np
 import uvicorn
 from PIL import Image
 
+from loadtests.server import wait_ready
 from server.app import create_app
 from server.config import Settings
 
@@ -45,21 +45,9 @@ class LiveServer:
 
     def __enter__(self) -> "LiveServer":
         self._thread.start()
-        deadline = time.monotonic() + START_TIMEOUT_S
-        with httpx.Client(base_url=self.base_url, timeout=5) as c:
-            while time.monotonic() < deadline:
-                if not self._thread.is_alive():
-                    raise RuntimeError("the server thread died during start-up")
-                try:
-                    r = c.get("/ready")
-                    if r.status_code == 200:
-                        return self
-                    if "failed" in r.json().get("reason", ""):
-                        raise RuntimeError(f"the server is not ready: {r.json()}")
-                except httpx.TransportError:
-                    pass
-                time.sleep(0.1)
-        raise RuntimeError(f"the server did not become ready in {START_TIMEOUT_S} s")
+        wait_ready(self.base_url, START_TIMEOUT_S,
+                   died=lambda: None if self._thread.is_alive() else "the server thread died during start-up")
+        return self
 
     def __exit__(self, *exc) -> None:
         self._server.should_exit = True
