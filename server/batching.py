@@ -69,8 +69,10 @@ ONNX Runtime with 2 intra-op threads and no spinning, batch sizes interleaved; r
 so sizes sit where throughput peaks or plateaus (P-Net 4, R-Net 64, O-Net 16, embedder 8).
 End to end (astronaut, concurrent threads, configurations interleaved): a 2 ms queue delay
 raised an idle request's p50 from 57 to 100 ms (about 13 model calls each) and bought no
-throughput at 8 or 24 concurrent requests, so the CPU default delay is 0; two instances per model
-beat one by 9% and 19% at 8 and 16 concurrent requests (one run at 24 favoured one instance).
+throughput at 8 or 24 concurrent requests, so the CPU default delay is 0. Instances: in-process,
+one single-threaded instance of each model per core (Settings.model_instances / intra_op_threads):
+two 1-thread streams did ~1.3-1.5x the images/s of one 2-thread stream on 2 cores, and the server
+went from 15.5 to 20-23 requests/s at 32 clients (python -m server.bench_server).
 
 HTTP mapping for the API's error table (CompreFace has no equivalent; its JSON shape is kept):
 - `Overloaded`       -> 503, header `Retry-After: <retry_after_s>`,
