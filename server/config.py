@@ -49,6 +49,9 @@ class Settings:
     # a request body must keep arriving: at most this long between two of its chunks (0: no limit),
     # else 408; a stalled client no longer holds a connection and a half-read body for ever
     body_read_timeout_s: float = 30.0
+    # pixels of images held decoded at once, over all requests (~3 bytes each plus working copies;
+    # imaging.PixelBudget); one image may have up to 100 MP. 0: no limit
+    decode_pixel_budget: int = 200_000_000
     seed_demo_keys: bool = False
     # similarity = (tanh((c0 - d) * c1) + 1) / 2 on L2-normalised descriptors, calibrated for our
     # embedder on ../shared/facedata/dev pairs by `python -m server.bench pipeline`: c0 is the

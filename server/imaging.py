@@ -7,7 +7,11 @@ from __future__ import annotations
 
 import io
 import struct
+import threading
+import time
 import warnings
+from contextlib import contextmanager
+from typing import Iterator
 
 import cv2
 import numpy as np
@@ -47,6 +51,62 @@ class CorruptImage(ImageError):
 
 class ImageTooLarge(ImageError):
     pass
+
+
+def image_pixels(data: bytes) -> int:
+    """Width x height from the image header alone (no decoding); 0 when it cannot be read (the
+    decoder then reports why)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with Image.open(io.BytesIO(data), formats=_PIL_FORMATS) as img:
+                w, h = img.size
+        return max(0, int(w)) * max(0, int(h))
+    except Exception:  # noqa: BLE001 - any failure here is decode_image's to report
+        return 0
+
+
+class PixelBudget:
+    """Bounds the pixels of images held decoded at once, across all requests.
+
+    A decoded image costs ~3 bytes per pixel plus the pipeline's working copies, and the per-image
+    limit (MAX_PIXELS) alone lets N concurrent requests hold N x 100 MP: a flood of small files that
+    decode to huge images (a 8 KB PNG can be 8000x8000) would otherwise run the server out of memory.
+    Requests wait (respecting their deadline and cancellation, see server.batching.RequestScope)
+    until their image fits; an image larger than the whole budget runs alone.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit  # 0: no limit
+        self.held = 0
+        self.peak = 0
+        self._cond = threading.Condition()
+
+    @contextmanager
+    def hold(self, pixels: int) -> Iterator[None]:
+        if self.limit <= 0 or pixels <= 0:
+            yield
+            return
+        from server.batching import Cancelled, DeadlineExceeded, current_scope
+
+        need = min(pixels, self.limit)
+        scope = current_scope()
+        with self._cond:
+            while self.held + need > self.limit:
+                if scope is not None and scope.cancelled:
+                    raise Cancelled("image decoding")
+                remaining = scope.remaining_s() if scope is not None else None
+                if remaining is not None and remaining <= 0:
+                    raise DeadlineExceeded("image decoding")
+                self._cond.wait(0.1 if remaining is None else min(0.1, remaining))
+            self.held += need
+            self.peak = max(self.peak, self.held)
+        try:
+            yield
+        finally:
+            with self._cond:
+                self.held -= need
+                self._cond.notify_all()
 
 
 def extension_allowed(filename: str | None) -> bool:

@@ -19,7 +19,7 @@ import numpy as np
 
 from server.api import errors
 from server.config import Settings
-from server.imaging import ImageError, decode_image
+from server.imaging import ImageError, PixelBudget, decode_image, image_pixels
 from server.pipeline.plugins import SKIPPED_WITHOUT_DETECTION, PluginRegistry
 from server.storage import Change, FaceNotFound, FaceRecord, NewFace, Storage, SubjectNotFound
 
@@ -73,6 +73,7 @@ class FaceService:
         self.plugins = plugins
         self.c0 = float(settings.similarity_c0)
         self.c1 = float(settings.similarity_c1)
+        self.pixels = PixelBudget(settings.decode_pixel_budget)
 
     # ------------------------------------------------------------------ similarity
     def similarity(self, distances: np.ndarray) -> np.ndarray:
@@ -103,21 +104,22 @@ class FaceService:
         threshold = self.settings.det_prob_threshold if det_prob_threshold is None else det_prob_threshold
         if not 0.0 <= threshold <= 1.0:  # the core's BadRequest, mapped to code 28 by the Java layer
             raise errors.no_face()
-        try:
-            image = decode_image(data)
-        except ImageError as exc:
-            log.info("image refused: %s", exc)
-            raise errors.no_face() from None
-        h, w = image.shape[:2]
-        selected = list(plugins)
-        if detect_faces:
-            faces = self.pipeline.faces(image, det_prob_threshold=threshold, limit=limit, embed=embed)
-        else:
-            faces = [self._whole_image_face(image)]
-            selected = [p for p in selected if p not in SKIPPED_WITHOUT_DETECTION]
-        if not faces:
-            raise errors.no_face()
-        extras = self.plugins.run(image, faces, selected)
+        with self.pixels.hold(image_pixels(data)):  # the decoded image lives until we return
+            try:
+                image = decode_image(data)
+            except ImageError as exc:
+                log.info("image refused: %s", exc)
+                raise errors.no_face() from None
+            h, w = image.shape[:2]
+            selected = list(plugins)
+            if detect_faces:
+                faces = self.pipeline.faces(image, det_prob_threshold=threshold, limit=limit, embed=embed)
+            else:
+                faces = [self._whole_image_face(image)]
+                selected = [p for p in selected if p not in SKIPPED_WITHOUT_DETECTION]
+            if not faces:
+                raise errors.no_face()
+            extras = self.plugins.run(image, faces, selected)
         # include_all: pose is a field of CompreFace's PluginsVersionsDto too; the response layer
         # keeps exactly the DTO's keys (landmarks dropped).
         versions = self.plugins.versions((["calculator"] if embed else []) + selected, include_all=True)
