@@ -107,6 +107,30 @@ class PixelBudget:
             with self._cond:
                 self.held -= need
                 self._cond.notify_all()
+            if pixels >= _TRIM_ABOVE_PIXELS:
+                _release_free_memory()
+
+
+_TRIM_ABOVE_PIXELS = 10_000_000
+
+
+def _release_free_memory() -> None:
+    """Hand freed heap memory back to the OS. Pillow decodes into 16 MB blocks that glibc serves from
+    per-thread arenas and keeps after they are freed, so without this every worker thread that once
+    decoded a huge image would hold on to its size for good (measured: peak RSS stays high)."""
+    global _malloc_trim
+    if _malloc_trim is None:
+        try:
+            import ctypes
+
+            _malloc_trim = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _malloc_trim = False
+    if _malloc_trim:
+        _malloc_trim(0)
+
+
+_malloc_trim = None
 
 
 def extension_allowed(filename: str | None) -> bool:
