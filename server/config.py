@@ -123,7 +123,9 @@ class Settings:
     # stream on a 2-thread session does ~20 images/s, two streams on 1-thread sessions ~28-30: ONNX
     # Runtime's intra-op threads split MTCNN's small convolutions poorly. So with the micro-batcher,
     # each model runs as one single-threaded instance per core (as Triton's instance groups do),
-    # and a few requests per instance are admitted; more only add GIL and cache contention on CPU.
+    # and one request per instance (plus one) runs inference: at 32 clients on 2 cores, 2-3 requests
+    # in flight cost 76-83 ms of CPU per request, 4 cost 79-86 and 6 cost 86-91 (GIL and cache
+    # contention), with throughput in the same order.
     # Remote backends (Triton on GPUs) need many requests in flight to form large batches.
     def intra_op_threads(self) -> int:
         if self.inference_threads:
@@ -139,7 +141,7 @@ class Settings:
         cores = usable_cores()
         if not self.batching:
             return max(2, cores)
-        return 2 * self.model_instances() if self.backend == "onnxruntime" else max(32, 8 * cores)
+        return self.model_instances() + 1 if self.backend == "onnxruntime" else max(32, 8 * cores)
 
 
 def usable_cores() -> int:
