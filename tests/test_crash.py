@@ -34,6 +34,7 @@ import httpx
 import numpy as np
 from PIL import Image
 
+from index.hnsw import _read_manifest
 from server.config import Settings
 from tests.api_server import ADMIN_TOKEN, astronaut
 
@@ -333,8 +334,9 @@ def damage_snapshot(index_dir: Path, how: str) -> None:
         data = manifests[0].read_bytes()
         manifests[0].write_bytes(data[: len(data) // 2])
     else:
-        graphs = sorted(index_dir.glob("*.graph"))
-        target = graphs[0] if graphs else manifests[0]
+        # the graph the manifest names: a kill during a snapshot can leave a newer, unreferenced one
+        meta, _ = _read_manifest(manifests[0])
+        target = manifests[0].parent / meta["graph_name"] if meta["graph_name"] else manifests[0]
         data = bytearray(target.read_bytes())
         data[len(data) // 2] ^= 0x10
         target.write_bytes(bytes(data))
