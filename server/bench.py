@@ -99,7 +99,6 @@ def describe_images(pipeline, facedata: Path, names: list[str]) -> tuple[dict[st
     """Largest face per image; when none is found at any threshold, the whole image as the face
     rect, aligned by the 5-point predictor (dlib's baseline does the same: "whole-image rect")."""
     from server.imaging import decode_image
-    from server.pipeline.alignment import face_chips
 
     out, how = {}, {}
     for name in names:
@@ -113,8 +112,7 @@ def describe_images(pipeline, facedata: Path, names: list[str]) -> tuple[dict[st
                 break
         else:
             h, w = img.shape[:2]
-            shapes = pipeline.shape_predictor.predict_many(img, [(0, 0, w - 1, h - 1)])
-            out[name], how[name] = pipeline.embed_chips(face_chips(img, shapes))[0], "whole"
+            out[name], how[name] = pipeline.embed_chips(pipeline.align(img, [(0, 0, w - 1, h - 1)]))[0], "whole"
     return out, how
 
 

@@ -114,8 +114,6 @@ class RawPipeline:
         """images/s of `streams` threads, each running batches of `batch` images for `seconds`."""
         import threading
 
-        from server.pipeline.alignment import face_chips, mtcnn_box_to_rect
-
         images = [self.img] * batch
         threshold = self.settings.det_prob_threshold
 
@@ -123,9 +121,7 @@ class RawPipeline:
             dets = pipeline.detector.detect_batch(images)
             chips = []
             for im, det in zip(images, dets):
-                rects = [mtcnn_box_to_rect(b) for b in det.boxes[det.probs > threshold]]
-                if rects:
-                    chips.append(face_chips(im, pipeline.shape_predictor.predict_many(im, rects)))
+                chips.append(pipeline.face_chips(im, det.boxes[det.probs > threshold]))
             pipeline.embed_chips(np.concatenate(chips))
 
         pipelines = self.layouts[(threads, streams)]

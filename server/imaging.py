@@ -8,7 +8,6 @@ from __future__ import annotations
 import io
 import struct
 import threading
-import time
 import warnings
 from contextlib import contextmanager
 from typing import Iterator

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import logging
 import socket
-import time
 import uuid
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.api_server import astronaut, encode, live_server
+from tests.pg_cluster import wait_until
 
 HOLD_MS = 6000.0  # P-Net queue delay: far longer than the test waits for a cancellation
 PNET = "face_detector_pnet"
@@ -52,12 +52,9 @@ def open_request(server, key: str) -> socket.socket:
 
 
 def wait_for(condition, timeout_s: float) -> float:
-    start = time.monotonic()
-    while time.monotonic() - start < timeout_s:
-        if condition():
-            return time.monotonic() - start
-        time.sleep(0.05)
-    raise AssertionError(f"not reached within {timeout_s} s")
+    took = wait_until(condition, timeout_s, interval=0.05)
+    assert took is not None, f"not reached within {timeout_s} s"
+    return took
 
 
 def test_disconnect_withdraws_queued_work_and_slot_waits(server, caplog):

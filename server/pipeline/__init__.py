@@ -108,11 +108,19 @@ class FacePipeline:
 
     def embed_faces(self, image: np.ndarray, boxes: np.ndarray) -> np.ndarray:
         """dlib-exact alignment of MTCNN boxes (re-map -> 5-point predictor -> chip), one embedder batch."""
-        from server.pipeline.alignment import face_chips, mtcnn_box_to_rect
+        return self.embed_chips(self.face_chips(image, boxes))
 
-        rects = [mtcnn_box_to_rect(b) for b in boxes]
-        shapes = self.shape_predictor.predict_many(image, rects)
-        return self.embed_chips(face_chips(image, shapes))
+    def face_chips(self, image: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+        """(n,150,150,3) dlib chips of MTCNN boxes: each box re-mapped to dlib's rect, then align()."""
+        from server.pipeline.alignment import mtcnn_box_to_rect
+
+        return self.align(image, [mtcnn_box_to_rect(b) for b in boxes])
+
+    def align(self, image: np.ndarray, rects) -> np.ndarray:
+        """(n,150,150,3) chips of dlib rects (left, top, right, bottom): 5-point predictor, chip warp."""
+        from server.pipeline.alignment import face_chips
+
+        return face_chips(image, self.shape_predictor.predict_many(image, rects))
 
     def embed_chips(self, chips: np.ndarray) -> np.ndarray:
         """(n,150,150,3) uint8 RGB chips -> (n,128) float32 descriptors, one backend call."""
