@@ -21,6 +21,7 @@ import io
 import json
 import os
 import re
+import shutil
 import statistics
 import sys
 import tempfile
@@ -252,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
                 cpu1 = (_cpu_s(server.proc.pid), sum(os.times()[:2]))
                 after = batch_means(c.get("/metrics").text)
                 # where the machine's time goes, per answered request: the server process (HTTP,
-                # decoding, inference, search) and this load generator (httpx), which share the cores
+                # decoding, inference, search) and this load generator, which share the cores
                 row["server_cpu_ms"] = (cpu1[0] - cpu0[0]) * 1000 / max(1, row["requests"])
                 row["loadgen_cpu_ms"] = (cpu1[1] - cpu0[1]) * 1000 / max(1, row["requests"])
                 for model in sorted(after):
@@ -270,6 +271,7 @@ def main(argv: list[str] | None = None) -> int:
         server.stop()
         if triton:
             triton.stop()
+        shutil.rmtree(tmp, ignore_errors=True)  # the server's data dir and logs
     levels = {r["clients"]: r for r in report["levels"]}
     print(f"\n# server benchmark: recognize, 1-face 640x480 JPEG, backend {args.backend} {env_extra or ''}\n")
     print(_table(report["levels"], {"req_per_s": ".1f", "p50_ms": ".0f", "p99_ms": ".0f", "server_cpu_ms": ".1f",
