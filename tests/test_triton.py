@@ -89,9 +89,12 @@ def test_tensorrt_configs(trt_repo, model_dir):
             for axis, d in enumerate(dims[1:], start=1):
                 if d > 0:
                     assert shapes["min"][axis] == shapes["opt"][axis] == shapes["max"][axis] == d
-                else:  # only P-Net has a dynamic image size
-                    assert name == "face_detector_pnet"
-                    assert shapes["min"][axis] == PNET_MIN_SIDE < shapes["opt"][axis] < shapes["max"][axis]
+                else:  # only P-Net and MMOD have a dynamic image size
+                    assert name in ("face_detector_pnet", "face_detector_mmod")
+                    assert spec.image_sides is not None
+                    assert shapes["min"][axis] == spec.image_sides[0] < shapes["opt"][axis] < shapes["max"][axis]
+                    if name == "face_detector_pnet":
+                        assert shapes["min"][axis] == PNET_MIN_SIDE
     manifest = json.loads((trt_repo / MANIFEST).read_text())
     assert manifest["target"] == "tensorrt" and TENSORRT_PLAN in manifest["outputs"]
 

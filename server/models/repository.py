@@ -1,6 +1,7 @@
 """Builds the Triton model repository from the pip-installed weights.
 
-    <out>/face_detector_pnet/config.pbtxt + 1/model.onnx   (likewise rnet, onet, face_embedder)
+    <out>/face_detector_pnet/config.pbtxt + 1/model.onnx   (likewise rnet, onet, face_embedder,
+                                                           face_detector_mmod)
     <out>/shape_predictor_5.npz
     <out>/build.json   fingerprint of the inputs + sha256 of every output (idempotence)
 
@@ -8,7 +9,8 @@ Targets (which Triton backend the config.pbtxt files are written for):
     onnxruntime  platform "onnxruntime_onnx" (official Triton containers; also our in-process backend)
     python       backend "python" + <model>/1/model.py wrapping the ONNX file with onnxruntime
     tensorrt     platform "tensorrt_plan" + <out>/tensorrt.json, the trtexec profiles (FP16, dynamic batch,
-                 dynamic P-Net image size) that deploy/triton/convert_to_tensorrt.py turns into model.plan files
+                 dynamic P-Net and MMOD image sizes) that deploy/triton/convert_to_tensorrt.py turns into
+                 model.plan files
 
 The build is deterministic: the same weights and converter code give byte-identical files.
 """
@@ -44,34 +46,43 @@ class ModelSpec:
     max_batch_size: int
     queue_delay_us: int  # Triton's dynamic batching window
     opt_batch: int = 1  # the batch TensorRT tunes its kernels for (the profile's "opt" shape)
+    image_sides: tuple[int, int, int] | None = None  # TensorRT min/opt/max of a dynamic image height/width
 
-
-MODEL_SPECS = {
-    s.name: s
-    for s in (
-        ModelSpec("face_detector_pnet", 32, 1000, opt_batch=1),
-        ModelSpec("face_detector_rnet", 512, 2000, opt_batch=128),
-        ModelSpec("face_detector_onet", 256, 2000, opt_batch=32),
-        ModelSpec("face_embedder", 64, 2000, opt_batch=32),
-    )
-}
 
 # P-Net's dynamic image size for TensorRT: the largest pyramid level is int(side * 12 / min_face) + 1,
 # i.e. 385 for the defaults (640 px detection side, 20 px faces); smaller faces need a rebuild with a larger max.
 PNET_MIN_SIDE = 12
 PNET_OPT_SIDE = 256
 PNET_MAX_SIDE = 640 * 12 // 20 + 1
+# The MMOD detector's input is dlib's whole tiled pyramid (1304 wide, 3506 tall for a 640x480 photo upsampled
+# once); server/pipeline/mmod.py downscales images whose tiled pyramid would exceed MMOD_MAX_SIDE.
+MMOD_MIN_SIDE = 32
+MMOD_OPT_SIDE = 1024
+MMOD_MAX_SIDE = 8192
+
+MODEL_SPECS = {
+    s.name: s
+    for s in (
+        ModelSpec("face_detector_pnet", 32, 1000, opt_batch=1,
+                  image_sides=(PNET_MIN_SIDE, PNET_OPT_SIDE, PNET_MAX_SIDE)),
+        ModelSpec("face_detector_rnet", 512, 2000, opt_batch=128),
+        ModelSpec("face_detector_onet", 256, 2000, opt_batch=32),
+        ModelSpec("face_embedder", 64, 2000, opt_batch=32),
+        ModelSpec("face_detector_mmod", 4, 1000, opt_batch=1,
+                  image_sides=(MMOD_MIN_SIDE, MMOD_OPT_SIDE, MMOD_MAX_SIDE)),
+    )
+}
 TENSORRT_WORKSPACE_MB = 2048
 
 _HERE = Path(__file__).resolve().parent
-_CONVERTER_SOURCES = ("dlib_format.py", "dlib_resnet.py", "dlib_shape.py", "mtcnn_onnx.py", "repository.py",
-                      PYTHON_MODEL_SOURCE)
+_CONVERTER_SOURCES = ("dlib_format.py", "dlib_resnet.py", "dlib_shape.py", "dlib_mmod.py", "mtcnn_onnx.py",
+                      "repository.py", PYTHON_MODEL_SOURCE)
 
 
 def fingerprint() -> str:
     """Hash of every input of the build: weights files and converter code."""
     h = hashlib.sha256(f"format {BUILD_FORMAT} onnx {onnx.__version__}".encode())
-    files = [sources.dlib_model_file(sources.EMBEDDER_DAT), sources.dlib_model_file(sources.SHAPE5_DAT)]
+    files = [sources.dlib_model_file(n) for n in (sources.EMBEDDER_DAT, sources.SHAPE5_DAT, sources.MMOD_DAT)]
     files += [sources.mtcnn_weights_file(n) for n in ("pnet", "rnet", "onet")]
     files += [_HERE / f for f in _CONVERTER_SOURCES]
     for f in files:
@@ -112,6 +123,7 @@ def build(out: Path | str, *, target: str = DEFAULT_TARGET, force: bool = False)
     if not force and is_built(out, target):
         log.info("model repository %s is up to date", out)
         return False
+    from server.models.dlib_mmod import build_mmod_onnx
     from server.models.dlib_resnet import build_embedder_onnx
     from server.models.dlib_shape import convert_shape_predictor
     from server.models.mtcnn_onnx import build_mtcnn_onnx
@@ -119,6 +131,7 @@ def build(out: Path | str, *, target: str = DEFAULT_TARGET, force: bool = False)
     out.mkdir(parents=True, exist_ok=True)
     models: dict[str, onnx.ModelProto] = dict(build_mtcnn_onnx())
     models["face_embedder"] = build_embedder_onnx(sources.dlib_model_file(sources.EMBEDDER_DAT))
+    models["face_detector_mmod"] = build_mmod_onnx(sources.dlib_model_file(sources.MMOD_DAT))
     previous = _manifest_outputs(out)
     outputs: dict[str, str] = {}
     files: dict[str, bytes] = {}
@@ -224,14 +237,17 @@ def _graph_inputs(model: onnx.ModelProto) -> list:
 def tensorrt_profile(spec: ModelSpec, model: onnx.ModelProto) -> dict[str, dict[str, list[int]]]:
     """One optimisation profile per model: input name -> min / opt / max shapes (batch axis first).
 
-    The batch axis spans 1..max_batch_size; any other dynamic axis is P-Net's image height / width.
+    The batch axis spans 1..max_batch_size; any other dynamic axis is an image height / width
+    (P-Net's pyramid levels, MMOD's tiled pyramid), spanning the spec's image_sides.
     """
     profile = {}
     for value in _graph_inputs(model):
         dims = [d.dim_value if d.HasField("dim_value") else -1 for d in value.type.tensor_type.shape.dim]
         shapes: dict[str, list[int]] = {"min": [1], "opt": [spec.opt_batch], "max": [spec.max_batch_size]}
         for d in dims[1:]:
-            for key, side in (("min", PNET_MIN_SIDE), ("opt", PNET_OPT_SIDE), ("max", PNET_MAX_SIDE)):
+            if d <= 0 and spec.image_sides is None:
+                raise ValueError(f"{spec.name}: dynamic axis {value.name} but no image_sides in its ModelSpec")
+            for key, side in zip(("min", "opt", "max"), spec.image_sides or (d, d, d)):
                 shapes[key].append(d if d > 0 else side)
         profile[value.name] = shapes
     return profile

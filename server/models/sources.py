@@ -36,3 +36,4 @@ def mtcnn_weights_file(net: str) -> Path:
 
 EMBEDDER_DAT = "dlib_face_recognition_resnet_model_v1.dat"
 SHAPE5_DAT = "shape_predictor_5_face_landmarks.dat"
+MMOD_DAT = "mmod_human_face_detector.dat"
