@@ -116,6 +116,28 @@ def _columns(n_in: int, n_out: int) -> _Columns:
     return _Columns(simd=simd, lo=lo, hi=hi, frac32=frac32, frac64=frac_tail)
 
 
+def _simd_columns(upper: np.ndarray, lower: np.ndarray, tb: np.ndarray, cols: _Columns) -> np.ndarray:
+    """The SIMD columns: ((tlf*tl + trf*tr) + blf*bl) + brf*br in float32 (in place, to spare temporaries)."""
+    s = cols.simd
+    itb32 = (1 - tb).astype(np.float32)[:, None]
+    tb32 = tb.astype(np.float32)[:, None]
+    lr = cols.frac32[None, :s]
+    ilr = np.float32(1) - lr
+    lo, hi = cols.lo[:s], cols.hi[:s]
+    acc = np.take(upper, lo, axis=2)
+    acc *= itb32 * ilr
+    tmp = np.take(upper, hi, axis=2)
+    tmp *= itb32 * lr
+    acc += tmp
+    np.take(lower, lo, axis=2, out=tmp)
+    tmp *= tb32 * ilr
+    acc += tmp
+    np.take(lower, hi, axis=2, out=tmp)
+    tmp *= tb32 * lr
+    acc += tmp
+    return acc
+
+
 def resize_float(src: np.ndarray, n_rows: int, n_cols: int) -> np.ndarray:
     """dlib::resize_image(float image, out, interpolate_bilinear) for each channel of src (C,H,W) float32."""
     c_in, h, w = src.shape
@@ -124,21 +146,17 @@ def resize_float(src: np.ndarray, n_rows: int, n_cols: int) -> np.ndarray:
     top, bottom, tb = _rows(h, n_rows)
     cols = _columns(w, n_cols)
     out = np.empty((c_in, n_rows, n_cols), np.float32)
+    upper = np.take(src, top, axis=1)  # (C, n_rows, w)
+    lower = np.take(src, bottom, axis=1)
     s = cols.simd
-    itb32 = (1 - tb).astype(np.float32)[:, None]
-    tb32 = tb.astype(np.float32)[:, None]
     if s:
-        lr = cols.frac32[None, :s]
-        ilr = (np.float32(1) - lr).astype(np.float32)
-        tl, tr = src[:, top][:, :, cols.lo[:s]], src[:, top][:, :, cols.hi[:s]]
-        bl, br = src[:, bottom][:, :, cols.lo[:s]], src[:, bottom][:, :, cols.hi[:s]]
-        out[:, :, :s] = (itb32 * ilr) * tl + (itb32 * lr) * tr + (tb32 * ilr) * bl + (tb32 * lr) * br
+        out[:, :, :s] = _simd_columns(upper, lower, tb, cols)
     if s < n_cols:
         lr = cols.frac32[None, s:]
         ilr = np.float32(1) - lr
         lo, hi = cols.lo[s:], cols.hi[s:]
-        up = ilr * src[:, top][:, :, lo] + lr * src[:, top][:, :, hi]  # float32
-        down = ilr * src[:, bottom][:, :, lo] + lr * src[:, bottom][:, :, hi]
+        up = ilr * upper[:, :, lo] + lr * upper[:, :, hi]  # float32
+        down = ilr * lower[:, :, lo] + lr * lower[:, :, hi]
         out[:, :, s:] = ((1 - tb)[:, None] * up + tb[:, None] * down).astype(np.float32)  # double, stored as float
     return out
 
@@ -150,27 +168,23 @@ def resize_rgb(src: np.ndarray, n_rows: int, n_cols: int) -> np.ndarray:
         return np.zeros((n_rows, n_cols, 3), np.uint8)
     top, bottom, tb = _rows(h, n_rows)
     cols = _columns(w, n_cols)
-    planes = np.ascontiguousarray(src.transpose(2, 0, 1)).astype(np.float32)
-    out = np.empty((3, n_rows, n_cols), np.uint8)
+    planes = src.transpose(2, 0, 1).astype(np.float32)
+    upper = np.take(planes, top, axis=1)
+    lower = np.take(planes, bottom, axis=1)
+    out = np.empty((n_rows, n_cols, 3), np.uint8)
     s = cols.simd
     if s:
-        itb32 = (1 - tb).astype(np.float32)[:, None]
-        tb32 = tb.astype(np.float32)[:, None]
-        lr = cols.frac32[None, :s]
-        ilr = (np.float32(1) - lr).astype(np.float32)
-        tl, tr = planes[:, top][:, :, cols.lo[:s]], planes[:, top][:, :, cols.hi[:s]]
-        bl, br = planes[:, bottom][:, :, cols.lo[:s]], planes[:, bottom][:, :, cols.hi[:s]]
-        v = (itb32 * ilr) * tl + (itb32 * lr) * tr + (tb32 * ilr) * bl + (tb32 * lr) * br
-        out[:, :, :s] = np.trunc(v).astype(np.int32).astype(np.uint8)  # _mm_cvttps_epi32 then unsigned char
-    if s < n_cols:
-        planes64 = planes.astype(np.float64)
+        # _mm_cvttps_epi32 then unsigned char: values are in [0, 255], so truncation is a plain cast
+        out[:, :s] = _simd_columns(upper, lower, tb, cols).astype(np.uint8).transpose(1, 2, 0)
+    if s < n_cols:  # the scalar tail computes in double, then static_cast<unsigned char>
         lr = cols.frac64[None, :]
         lo, hi = cols.lo[s:], cols.hi[s:]
-        up = (1 - lr) * planes64[:, top][:, :, lo] + lr * planes64[:, top][:, :, hi]
-        down = (1 - lr) * planes64[:, bottom][:, :, lo] + lr * planes64[:, bottom][:, :, hi]
+        up64, low64 = upper.astype(np.float64), lower.astype(np.float64)
+        up = (1 - lr) * up64[:, :, lo] + lr * up64[:, :, hi]
+        down = (1 - lr) * low64[:, :, lo] + lr * low64[:, :, hi]
         v = (1 - tb)[:, None] * up + tb[:, None] * down
-        out[:, :, s:] = np.trunc(v).astype(np.int32).astype(np.uint8)  # static_cast<unsigned char>
-    return out.transpose(1, 2, 0)
+        out[:, s:] = v.astype(np.uint8).transpose(1, 2, 0)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
