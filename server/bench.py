@@ -96,23 +96,36 @@ def bench_detector(pipeline, images: dict[str, np.ndarray], repeat: int = 15) ->
 
 
 def describe_images(pipeline, facedata: Path, names: list[str]) -> tuple[dict[str, np.ndarray], dict[str, str]]:
-    """Largest face per image; when none is found at any threshold, the whole image as the face
-    rect, aligned by the 5-point predictor (dlib's baseline does the same: "whole-image rect")."""
+    """Largest face per image, by the cascade of dlib's baseline (HOG up 1 -> HOG up 2 -> CNN MMOD
+    -> whole image) with MTCNN in HOG's place: MTCNN at thresholds 0.85, 0.5, 0, then dlib's CNN
+    MMOD detector (the same model dlib's baseline falls back to), then the whole image as the face
+    rect, aligned by the 5-point predictor (dlib's "whole-image rect")."""
     from server.imaging import decode_image
+    from server.pipeline import FacePipeline
+    from server.pipeline.mmod import MmodDetector
 
+    # MTCNN alone for the threshold steps (a configured fallback would jump the queue at 0.85)
+    mtcnn = FacePipeline(pipeline.backend, pipeline.shape_predictor, pipeline.detector, pipeline.pad_retry)
+    cnn = FacePipeline(pipeline.backend, pipeline.shape_predictor, pipeline.detector,
+                       fallback=MmodDetector(pipeline.backend, upsample=1))
     out, how = {}, {}
     for name in names:
         img = decode_image((facedata / name).read_bytes())
         # like dlib's baseline cascade: the confident detector first, then lower thresholds, then the
         # whole image (a low threshold first would pick a large false detection over the real face)
         for threshold in (0.85, 0.5, 0.0):
-            faces = pipeline.faces(img, det_prob_threshold=threshold, limit=1)
+            faces = mtcnn.faces(img, det_prob_threshold=threshold, limit=1)
             if faces:
                 out[name], how[name] = faces[0].embedding, f"detected@{threshold}"
                 break
         else:
-            h, w = img.shape[:2]
-            out[name], how[name] = pipeline.embed_chips(pipeline.align(img, [(0, 0, w - 1, h - 1)]))[0], "whole"
+            det = cnn.detect_fallback(img)
+            if len(det):
+                r = det.rects[int(np.argmax((det.rects[:, 2] - det.rects[:, 0]) * (det.rects[:, 3] - det.rects[:, 1])))]
+                out[name], how[name] = pipeline.embed_chips(pipeline.align(img, [tuple(int(v) for v in r)]))[0], "mmod"
+            else:
+                h, w = img.shape[:2]
+                out[name], how[name] = pipeline.embed_chips(pipeline.align(img, [(0, 0, w - 1, h - 1)]))[0], "whole"
     return out, how
 
 

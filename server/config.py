@@ -37,6 +37,11 @@ class Settings:
     # no face found: detect once more with this much black border (x the longest side) around the
     # image, for faces that fill a tight crop (FacePipeline.detect); 0: off
     detect_pad_retry: float = 0.25
+    # still no face: none | mmod (dlib's CNN MMOD detector, which finds profile faces MTCNN misses;
+    # ~0.1-0.7 s per 640x480 photo, paid only by photos where MTCNN found nothing). Images above
+    # detect_fallback_max_pixels are scaled down to it for the fallback (its pyramid is ~3.6x the image)
+    detect_fallback: str = "none"
+    detect_fallback_max_pixels: int = 1_000_000
     # storage / API (CompreFace limits: 5 MB per file, 10 MB per request body)
     database_url: str = ""  # empty: SQLite at <data_dir>/faces.db; postgresql://user:pw@host:5432/db: shared
     # PostgreSQL only: connections per replica, how long start-up waits for the database, and how long

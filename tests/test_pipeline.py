@@ -107,3 +107,53 @@ def test_face_filling_a_tight_crop_is_found_by_the_padded_retry(pipeline):
     off = FacePipeline(pipeline.backend, pipeline.shape_predictor, pipeline.detector, pad_retry=0.0)
     assert off.faces(crop) == []
     assert pipeline.faces(np.full((90, 70, 3), 128, np.uint8)) == []  # nothing to find: still nothing
+
+
+def test_mtcnn_points_from_a_5_point_shape_land_near_mtcnn_landmarks(pipeline):
+    """The fallback's landmarks: MTCNN's points in dlib's chip (fitted template) mapped through the
+    chip transform of the 5-point shape land within a few px of MTCNN's own on the astronaut."""
+    from server.pipeline.alignment import mtcnn_box_to_rect, mtcnn_points
+
+    img = astronaut()
+    (face,) = pipeline.faces(img, embed=False)
+    shape = pipeline.shape_predictor.predict_many(img, [mtcnn_box_to_rect(face.box)])[0]
+    placed = mtcnn_points(shape)
+    assert placed.shape == (5, 2) and placed.dtype == np.float32
+    err = np.linalg.norm(placed - face.landmarks, axis=1)
+    width = face.box[2] - face.box[0]  # ~90 px; measured: 3.9-6.7 px off (a template fitted over many faces)
+    assert err.max() < 0.1 * width and err.mean() < 0.07 * width, err
+    assert placed[0, 0] < placed[1, 0] and placed[3, 0] < placed[4, 0]  # image-left before image-right
+    assert placed[:2, 1].max() < placed[2, 1] < placed[3:, 1].min()  # eyes above the nose above the mouth
+
+
+def test_mmod_fallback_finds_the_profile_face_mtcnn_misses(pipeline, facedata, model_dir):
+    """orl s2/6: a face MTCNN never detects (any threshold, padded or not). With
+    detect_fallback=mmod the pipeline returns dlib's CNN rect (real dlib: [11, 33, 58, 81]) and a
+    descriptor that verifies against the same person's other photos."""
+    from server.config import Settings
+    from server.pipeline import FacePipeline
+
+    def load(i: int) -> np.ndarray:
+        return decode_image((facedata / f"orl-att-faces/att_faces/s2/{i}.pgm").read_bytes())
+
+    img = load(6)
+    assert pipeline.fallback is None  # off by default: CompreFace's detector is MTCNN alone
+    assert pipeline.faces(img, det_prob_threshold=0.0) == []
+    on = FacePipeline.from_settings(Settings(model_dir=model_dir, detect_fallback="mmod"),
+                                    backend=pipeline.backend)
+    (face,) = on.faces(img)
+    assert face.box == (11, 33, 58, 81)
+    assert face.probability > 0.95  # sigmoid(4 x dlib's confidence 1.04)
+    x0, y0, x1, y1 = face.box
+    assert ((face.landmarks >= (x0 - 5, y0 - 5)) & (face.landmarks <= (x1 + 5, y1 + 5))).all()
+    others = np.stack([pipeline.faces(load(i))[0].embedding for i in (1, 2, 3, 4, 5)])
+    unit = lambda v: v / np.linalg.norm(v, axis=-1, keepdims=True)  # noqa: E731
+    assert np.linalg.norm(unit(others) - unit(face.embedding), axis=1).mean() < 0.6  # dlib's threshold
+    # a face MTCNN finds never reaches the fallback: identical results with it on
+    a, b = on.faces(astronaut()), pipeline.faces(astronaut())
+    assert [f.box for f in a] == [f.box for f in b] and np.array_equal(a[0].embedding, b[0].embedding)
+    assert on.faces(np.zeros((120, 160, 3), np.uint8)) == []  # nothing to find: still nothing
+    with pytest.raises(ValueError, match="detect_fallback"):
+        FacePipeline.from_settings(Settings(model_dir=model_dir, detect_fallback="hog"),
+                                   backend=pipeline.backend)
+

@@ -40,12 +40,17 @@ class Face:
         return max(0, self.box[2] - self.box[0]) * max(0, self.box[3] - self.box[1])
 
 
+FALLBACKS = ("none", "mmod")
+
+
 class FacePipeline:
-    def __init__(self, backend: Backend, shape_predictor, detector, pad_retry: float = 0.0) -> None:
+    def __init__(self, backend: Backend, shape_predictor, detector, pad_retry: float = 0.0,
+                 fallback=None) -> None:
         self.backend = backend
         self.shape_predictor = shape_predictor
         self.detector = detector
         self.pad_retry = pad_retry  # see detect()
+        self.fallback = fallback  # an MmodDetector, or None (see detect())
 
     @classmethod
     def from_settings(cls, settings: Settings, backend: Backend | None = None) -> "FacePipeline":
@@ -56,28 +61,59 @@ class FacePipeline:
         backend = backend or create_backend(settings)
         sp = ShapePredictor.load(Path(settings.model_dir) / SHAPE_PREDICTOR_FILE)
         det = MtcnnDetector(backend, min_face_size=settings.min_face_size, max_side=settings.max_detect_side)
-        return cls(backend, sp, det, pad_retry=settings.detect_pad_retry)
+        if settings.detect_fallback not in FALLBACKS:
+            raise ValueError(f"detect_fallback must be one of {FALLBACKS}, not {settings.detect_fallback!r}")
+        fallback = None
+        if settings.detect_fallback == "mmod":
+            from server.pipeline.mmod import MmodDetector
+
+            fallback = MmodDetector(backend, upsample=1, max_pixels=settings.detect_fallback_max_pixels)
+        return cls(backend, sp, det, pad_retry=settings.detect_pad_retry, fallback=fallback)
 
     def detect(self, image: np.ndarray, det_prob_threshold: float) -> "Detections":
         """MTCNN on the image; when no face passes the threshold, once more on the image padded by
-        `pad_retry` x its longest side on every side (black), with the results mapped back.
+        `pad_retry` x its longest side on every side (black), with the results mapped back; then,
+        when configured, the MMOD fallback (detect_fallback).
 
         MTCNN cannot see a face larger than the image: its pyramid stops when the image is 12 px at
         P-Net's scale, and a face that fills a tight crop (the kind of photo people enrol) is cut
         off on every side. The padding gives such a face room; images with a face found the first
         time cost nothing more. Boxes may then extend past the image (the API clips them)."""
         det = self.detector.detect(image)
-        if self.pad_retry <= 0 or bool((det.probs > det_prob_threshold).any()):
+        if _passes(det, det_prob_threshold):
             return det
         h, w = image.shape[:2]
         pad = max(1, round(self.pad_retry * max(h, w)))
-        if max(h, w) + 2 * pad > _MAX_PADDED_SIDE:  # only small crops need it; never grow big images
-            return det
-        padded = cv2.copyMakeBorder(image, pad, pad, pad, pad, cv2.BORDER_CONSTANT, value=(0, 0, 0))
-        again = self.detector.detect(padded)
-        if not bool((again.probs > det_prob_threshold).any()):
-            return det
-        return type(det)(again.boxes - np.float32(pad), again.probs, again.landmarks - np.float32(pad))
+        if self.pad_retry > 0 and max(h, w) + 2 * pad <= _MAX_PADDED_SIDE:  # only small crops need it
+            padded = cv2.copyMakeBorder(image, pad, pad, pad, pad, cv2.BORDER_CONSTANT, value=(0, 0, 0))
+            again = self.detector.detect(padded)
+            if _passes(again, det_prob_threshold):
+                return type(det)(again.boxes - np.float32(pad), again.probs, again.landmarks - np.float32(pad))
+        if self.fallback is not None:
+            extra = self.detect_fallback(image)
+            if _passes(extra, det_prob_threshold):
+                return extra
+        return det
+
+    def detect_fallback(self, image: np.ndarray) -> "Detections":
+        """dlib's CNN MMOD detector (FR_DETECT_FALLBACK=mmod), for when MTCNN finds no face: it sees
+        faces MTCNN misses (profiles, heavy pose), at a cost (~0.1-0.7 s for a 640x480 photo).
+
+        Its rects go to the shape predictor as they are (dlib's own pipeline); the landmarks are
+        MTCNN-style points placed by the 5-point shape (alignment.mtcnn_points), and the
+        probability is sigmoid(4 * confidence): 0.5 at MMOD's own threshold (confidence 0), about
+        0.98 for a clear face (confidence ~1). A choice that keeps det_prob_threshold meaningful,
+        not a calibrated probability."""
+        from server.pipeline.alignment import mtcnn_points
+        from server.pipeline.detector import Detections
+
+        rects, scores = self.fallback.detect(image)
+        if len(rects) == 0:
+            return Detections.empty()
+        shapes = self.shape_predictor.predict_many(image, [tuple(int(v) for v in r) for r in rects])
+        probs = (1.0 / (1.0 + np.exp(-4.0 * scores.astype(np.float64)))).astype(np.float32)
+        marks = np.stack([mtcnn_points(s) for s in shapes])
+        return Detections(rects.astype(np.float32), probs, marks, rects=np.asarray(rects, np.int64))
 
     def faces(self, image: np.ndarray, *, det_prob_threshold: float = 0.85, limit: int = 0,
               embed: bool = True) -> list[Face]:
@@ -100,7 +136,11 @@ class FacePipeline:
         ]
         if embed and faces:
             t1 = time.perf_counter()
-            descriptors = self.embed_faces(image, boxes[order])
+            if det.rects is None:
+                descriptors = self.embed_faces(image, boxes[order])
+            else:  # the fallback's dlib rects go to the predictor as they are
+                rects = det.rects[keep][order]
+                descriptors = self.embed_chips(self.align(image, [tuple(int(v) for v in r) for r in rects]))
             for face, d in zip(faces, descriptors):
                 face.embedding = d
             timings["calculator"] = (time.perf_counter() - t1) * 1000.0
@@ -132,6 +172,10 @@ class FacePipeline:
         """CompreFace's detect_faces=false: the whole image is the face, resized to 150x150."""
         chip = cv2.resize(image, (CHIP_SIZE, CHIP_SIZE), interpolation=cv2.INTER_AREA)
         return self.embed_chips(chip[None])[0]
+
+
+def _passes(det: "Detections", threshold: float) -> bool:
+    return bool((det.probs > threshold).any())
 
 
 def _int_boxes(boxes: np.ndarray, width: int, height: int) -> np.ndarray:

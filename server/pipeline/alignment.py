@@ -189,6 +189,24 @@ def mtcnn_box_to_rect(box: Sequence[float]) -> Rect:
     )
 
 
+# Where MTCNN's five points (left eye, right eye, nose, mouth left, mouth right) fall in dlib's
+# 150-px chip (padding 0.25): least-squares fit on the reference faces (shared/docs/models.md,
+# section 4). Used to give faces found without MTCNN (the MMOD fallback) MTCNN-style landmarks.
+MTCNN_POINTS_IN_CHIP = np.array(
+    [[45.27, 41.57], [102.78, 41.23], [73.63, 75.08], [48.34, 102.2], [101.29, 102.0]], dtype=np.float64
+)
+
+
+def mtcnn_points(shape5: np.ndarray) -> np.ndarray:
+    """(5,2) float32 MTCNN-style landmarks in image pixels for a dlib 5-point shape: the fitted
+    template above mapped through the chip transform dlib's get_face_chip uses for that shape."""
+    k = 1.0 / (2 * CHIP_PADDING + 1)
+    template = [((CHIP_PADDING + x) * k * CHIP_SIZE, (CHIP_PADDING + y) * k * CHIP_SIZE) for x, y in _TEMPLATE5.tolist()]
+    points = [(float(x), float(y)) for x, y in np.asarray(shape5, np.float64).reshape(-1, 2)]
+    m, b = _similarity_dlib(template, points)  # chip -> image
+    return (MTCNN_POINTS_IN_CHIP @ np.asarray(m).T + np.asarray(b)).astype(np.float32)
+
+
 # ----------------------------------------------------------------------------------------
 # dlib's small dense linear algebra, for bit-compatible chip geometry
 

@@ -42,6 +42,9 @@ class Detections:
     boxes: np.ndarray
     probs: np.ndarray
     landmarks: np.ndarray
+    # (n,4) dlib rects (left, top, right, bottom) for the shape predictor, when the detector gives
+    # them itself (the MMOD fallback); None: re-mapped from the MTCNN boxes (mtcnn_box_to_rect)
+    rects: np.ndarray | None = None
 
     def __len__(self) -> int:
         return int(self.probs.shape[0])
