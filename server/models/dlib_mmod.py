@@ -26,6 +26,7 @@ from server.models.dlib_resnet import (
     ConvLayer,
     _con,
     _expect_version,
+    _finish_model,
     _fold_affine,
     _GraphBuilder,
     _read_add_layer_tail,
@@ -37,10 +38,7 @@ from server.models.sources import MMOD_DAT, dlib_model_file
 MODEL_NAME = "face_detector_mmod"
 INPUT_NAME = "image"
 OUTPUT_NAME = "score"
-OPSET = 17
-IR_VERSION = 8  # fixed (not onnx.IR_VERSION) so the bytes do not depend on the installed onnx
 PRODUCER_NAME = "face-server.dlib_mmod"
-PRODUCER_VERSION = "1"
 
 # (filters, kernel, stride) of each convolution, forward order; all but the last are followed by
 # affine + relu. dlib's default padding applies: 0 for stride 2, kernel // 2 for stride 1.
@@ -217,26 +215,14 @@ def build_mmod_onnx(path: Path | str | None = None, net: DlibMmod | None = None)
         )
         if affine is not None:
             x = g.node("Relu", [x], "relu", OUTPUT_NAME if last else None)
-    graph = helper.make_graph(
-        g.nodes,
-        "dlib_mmod_human_face_detector",
-        [helper.make_tensor_value_info(INPUT_NAME, TensorProto.FLOAT, ["N", 3, "H", "W"])],
-        [helper.make_tensor_value_info(OUTPUT_NAME, TensorProto.FLOAT, ["N", 1, "Ho", "Wo"])],
-        initializer=g.initializers,
+    return _finish_model(
+        g, "dlib_mmod_human_face_detector",
+        helper.make_tensor_value_info(INPUT_NAME, TensorProto.FLOAT, ["N", 3, "H", "W"]),
+        helper.make_tensor_value_info(OUTPUT_NAME, TensorProto.FLOAT, ["N", 1, "Ho", "Wo"]),
+        "dlib mmod_human_face_detector (CC0). Input: dlib's tiled image pyramid, NCHW RGB 0-255 "
+        "(padding = the input means). Output: detection score per 8x8 cell; > 0 is a face.",
+        producer=PRODUCER_NAME,
     )
-    model = helper.make_model(
-        graph,
-        opset_imports=[helper.make_opsetid("", OPSET)],
-        producer_name=PRODUCER_NAME,
-        producer_version=PRODUCER_VERSION,
-        ir_version=IR_VERSION,
-        doc_string=(
-            "dlib mmod_human_face_detector (CC0). Input: dlib's tiled image pyramid, NCHW RGB 0-255 "
-            "(padding = the input means). Output: detection score per 8x8 cell; > 0 is a face."
-        ),
-    )
-    onnx.checker.check_model(model, full_check=True)
-    return model
 
 
 def write_mmod_onnx(out_path: Path | str, dat_path: Path | str | None = None) -> Path:

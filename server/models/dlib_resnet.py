@@ -507,24 +507,20 @@ def build_embedder_onnx(path: Path | str | None = None, net: DlibResNet | None =
     if cur.name != OUTPUT_NAME or cur.shape[0] != DESCRIPTOR_SIZE:
         raise DlibFormatError(f"network does not end in a {DESCRIPTOR_SIZE}-d fc layer")
 
-    graph = helper.make_graph(
-        g.nodes,
-        "dlib_resnet_face_descriptor",
-        [helper.make_tensor_value_info(INPUT_NAME, TensorProto.FLOAT, ["N", CHIP_SIZE, CHIP_SIZE, 3])],
-        [helper.make_tensor_value_info(OUTPUT_NAME, TensorProto.FLOAT, ["N", DESCRIPTOR_SIZE])],
-        initializer=g.initializers,
+    return _finish_model(
+        g, "dlib_resnet_face_descriptor",
+        helper.make_tensor_value_info(INPUT_NAME, TensorProto.FLOAT, ["N", CHIP_SIZE, CHIP_SIZE, 3]),
+        helper.make_tensor_value_info(OUTPUT_NAME, TensorProto.FLOAT, ["N", DESCRIPTOR_SIZE]),
+        "dlib_face_recognition_resnet_model_v1 (CC0). Input: aligned 150x150 RGB chips, 0-255, NHWC. "
+        "Output: 128-d descriptor, not normalised; same person if L2 distance < 0.6.",
     )
-    model = helper.make_model(
-        graph,
-        opset_imports=[helper.make_opsetid("", OPSET)],
-        producer_name=PRODUCER_NAME,
-        producer_version=PRODUCER_VERSION,
-        ir_version=IR_VERSION,
-        doc_string=(
-            "dlib_face_recognition_resnet_model_v1 (CC0). Input: aligned 150x150 RGB chips, 0-255, NHWC. "
-            "Output: 128-d descriptor, not normalised; same person if L2 distance < 0.6."
-        ),
-    )
+
+
+def _finish_model(g: _GraphBuilder, name: str, inp, out, doc: str, producer: str = PRODUCER_NAME) -> onnx.ModelProto:
+    """The builder's nodes as one checked ONNX model (opset 17, fixed IR version: deterministic bytes)."""
+    graph = helper.make_graph(g.nodes, name, [inp], [out], initializer=g.initializers)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name=producer,
+                              producer_version=PRODUCER_VERSION, ir_version=IR_VERSION, doc_string=doc)
     onnx.checker.check_model(model, full_check=True)
     return model
 
