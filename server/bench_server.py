@@ -6,9 +6,10 @@
 Starts the real server (a subprocess on a free 127.0.0.1 port, fresh data dir), enrols the
 astronaut, then for each client count posts a 1-face 640x480 JPEG to /recognize as fast as the
 clients can for --seconds, and reports requests/s, p50, p99 and the mean batch size per model
-(from /metrics). It also measures the raw pipeline in-process (no HTTP, no batcher) at its best
-batch size, both as one stream on sessions with a thread per core and as one stream per core on
-single-threaded sessions, and prints the ratios the batching issue asks for against the best of
+(from /metrics). It also measures the raw pipeline in-process (JPEG bytes -> decode -> detect ->
+align -> embed, as the server does; no HTTP, no batcher) at its best batch size, both as one
+stream on sessions with a thread per core and as one stream per core on single-threaded
+sessions, and prints the ratios the batching issue asks for against the best of
 all of them (vs_raw_best) and against the best single stream. The load generator shares the
 machine with the server: on 2 cores its CPU time is part of the measurement, so by default it
 writes pre-encoded requests on raw sockets (`--client httpx` for a full HTTP client).
@@ -39,13 +40,13 @@ ROOT = Path(__file__).resolve().parents[1]
 ADMIN = "bench-admin-token"
 
 
-def test_image() -> tuple[np.ndarray, bytes]:
+def sample_jpeg() -> bytes:
+    """The astronaut fitted into 640x480: a 1-face JPEG."""
     from skimage.data import astronaut
 
-    img = _fit(astronaut(), 640, 480)
     buf = io.BytesIO()
-    Image.fromarray(img).save(buf, format="JPEG", quality=90)
-    return img, buf.getvalue()
+    Image.fromarray(_fit(astronaut(), 640, 480)).save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
 
 
 def batch_means(metrics_text: str) -> dict[str, tuple[float, float]]:
@@ -137,18 +138,19 @@ def _cpu_s(pid: int) -> float:
 
 
 class RawPipeline:
-    """The pipeline in-process (detect batched across images, align, embed), no HTTP and no batcher,
-    in the two ways the machine can run it: one stream of batches on sessions with one intra-op
-    thread per core, and one stream per core on single-threaded sessions (as the server's model
-    instances run)."""
+    """The pipeline in-process (decode, detect batched across images, align, embed: the pipeline
+    the models issue defines, from image bytes to descriptors), no HTTP and no batcher, in the two
+    ways the machine can run it: one stream of batches on sessions with one intra-op thread per
+    core, and one stream per core on single-threaded sessions (as the server's model instances
+    run)."""
 
-    def __init__(self, settings: Settings, img: np.ndarray) -> None:
+    def __init__(self, settings: Settings, jpeg: bytes) -> None:
         from server.backends import create_backend
         from server.config import usable_cores
         from server.pipeline import FacePipeline
 
         cores = usable_cores()
-        self.settings, self.img = settings, img
+        self.settings, self.jpeg = settings, jpeg
         self.layouts: dict[tuple[int, int], list] = {}  # (threads, streams) -> one pipeline per stream
         for threads, streams in ((cores, 1), (1, cores)):
             s = settings.with_(inference_threads=threads, batching=False)
@@ -167,10 +169,12 @@ class RawPipeline:
         """images/s of `streams` threads, each running batches of `batch` images for `seconds`."""
         import threading
 
-        images = [self.img] * batch
+        from server.imaging import decode_image
+
         threshold = self.settings.det_prob_threshold
 
         def once(pipeline) -> None:
+            images = [decode_image(self.jpeg) for _ in range(batch)]
             dets = pipeline.detector.detect_batch(images)
             chips = []
             for im, det in zip(images, dets):
@@ -208,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", help="also write the report as JSON")
     args = parser.parse_args(argv)
     settings = Settings.from_env()
-    img, jpeg = test_image()
+    jpeg = sample_jpeg()
     env_extra = dict(e.split("=", 1) for e in args.env)
     triton = None
     tmp = Path(tempfile.mkdtemp(prefix="bench-server-"))
@@ -227,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     # The raw pipeline first (every layout and batch size), to find its best configurations; then
     # after each client level the best ones again, so that each ratio compares measurements taken
     # minutes apart at most (a shared machine's speed drifts by tens of percent over a run).
-    raw = RawPipeline(settings, img)
+    raw = RawPipeline(settings, jpeg)
     report: dict = {"backend": args.backend, "env": env_extra, "levels": []}
     report["raw_pipeline"] = raw.table(args.seconds / 4)
     best_cfg = max(report["raw_pipeline"], key=lambda r: r["images_per_s"])
@@ -276,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n# server benchmark: recognize, 1-face 640x480 JPEG, backend {args.backend} {env_extra or ''}\n")
     print(_table(report["levels"], {"req_per_s": ".1f", "p50_ms": ".0f", "p99_ms": ".0f", "server_cpu_ms": ".1f",
                                      "loadgen_cpu_ms": ".1f", "raw_best": ".1f", "raw_one_stream": ".1f"}))
-    print("\n## raw pipeline in-process (no HTTP, no batcher), before the server runs\n")
+    print("\n## raw pipeline in-process (JPEG decode -> detect -> align -> embed; no HTTP, no batcher), before the server runs\n")
     print(_table(report["raw_pipeline"], {"images_per_s": ".1f"}))
     print(f"\nbest: {best_cfg['streams']} stream(s) x {best_cfg['threads']} thread(s), batch {best_cfg['batch']}; "
           f"best single stream: batch {one_cfg['batch']} (raw_best / raw_one_stream above: the same, re-measured "
