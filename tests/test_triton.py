@@ -323,6 +323,30 @@ def test_pipeline_matches_onnxruntime(triton, python_repo, reference_faces, prot
         backend.close()
 
 
+@pytest.mark.parametrize("protocol,shared_memory", [("grpc", "none"), ("http", "system")])
+def test_mmod_fallback_through_triton_matches_onnxruntime(triton, python_repo, reference, protocol, shared_memory):
+    """The MMOD fallback's model (dynamic H x W tiled pyramid) served by Triton: the same rects,
+    scores and face as in-process, on a face MTCNN misses (orl s2/6) and on the astronaut."""
+    from server.pipeline.mmod import MmodDetector
+
+    facedata = SHARED / "facedata" / "dev"
+    images = {"astronaut": _images()["astronaut"]}
+    if facedata.is_dir():
+        from server.imaging import decode_image
+
+        images["s2/6"] = decode_image((facedata / "orl-att-faces/att_faces/s2/6.pgm").read_bytes())
+    backend = _backend(triton, protocol, shared_memory)
+    try:
+        for name, img in images.items():
+            got_rects, got_scores = MmodDetector(backend).detect(img)
+            want_rects, want_scores = MmodDetector(reference).detect(img)
+            assert len(want_rects) == 1, name
+            np.testing.assert_array_equal(got_rects, want_rects, err_msg=name)
+            np.testing.assert_allclose(got_scores, want_scores, atol=1e-5, err_msg=name)
+    finally:
+        backend.close()
+
+
 def _stats(triton, model: str, min_count: int = 0) -> dict:
     """Triton's statistics for `model`; waits until inference_count reaches min_count (the Python backend
     reports an execution's statistics after its responses have gone out)."""
