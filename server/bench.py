@@ -104,9 +104,10 @@ def describe_images(pipeline, facedata: Path, names: list[str]) -> tuple[dict[st
     from server.pipeline import FacePipeline
     from server.pipeline.mmod import MmodDetector
 
-    # MTCNN alone for the threshold steps (a configured fallback would jump the queue at 0.85)
+    # MTCNN alone for the threshold steps (a configured fallback would jump the queue at 0.85); the
+    # CNN step only gets images MTCNN found nothing in, so it skips the padded retry
     mtcnn = FacePipeline(pipeline.backend, pipeline.shape_predictor, pipeline.detector, pipeline.pad_retry)
-    cnn = FacePipeline(pipeline.backend, pipeline.shape_predictor, pipeline.detector,
+    cnn = FacePipeline(pipeline.backend, pipeline.shape_predictor, pipeline.detector, 0.0,
                        fallback=MmodDetector(pipeline.backend, upsample=1))
     out, how = {}, {}
     for name in names:
@@ -119,10 +120,9 @@ def describe_images(pipeline, facedata: Path, names: list[str]) -> tuple[dict[st
                 out[name], how[name] = faces[0].embedding, f"detected@{threshold}"
                 break
         else:
-            det = cnn.detect_fallback(img)
-            if len(det):
-                r = det.rects[int(np.argmax((det.rects[:, 2] - det.rects[:, 0]) * (det.rects[:, 3] - det.rects[:, 1])))]
-                out[name], how[name] = pipeline.embed_chips(pipeline.align(img, [tuple(int(v) for v in r)]))[0], "mmod"
+            faces = cnn.faces(img, det_prob_threshold=0.0, limit=1)
+            if faces:
+                out[name], how[name] = faces[0].embedding, "mmod"
             else:
                 h, w = img.shape[:2]
                 out[name], how[name] = pipeline.embed_chips(pipeline.align(img, [(0, 0, w - 1, h - 1)]))[0], "whole"

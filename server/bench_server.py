@@ -23,7 +23,6 @@ import json
 import os
 import re
 import shutil
-import statistics
 import sys
 import tempfile
 import time
@@ -63,48 +62,63 @@ async def load(base: str, key: str, jpeg: bytes, clients: int, seconds: float, c
     latencies: list[float] = []
     statuses: dict[int, int] = {}
     stop = time.perf_counter() + seconds
+
+    async def worker(post) -> None:
+        while time.perf_counter() < stop:
+            t = time.perf_counter()
+            status, body = await post()
+            latencies.append((time.perf_counter() - t) * 1000)
+            statuses[status] = statuses.get(status, 0) + 1
+            if status == 200 and b'"subject"' not in body:
+                raise AssertionError(f"recognize found no subject: {body[:200]!r}")
+
+    t0 = time.perf_counter()
     if client == "httpx":
         limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
         async with httpx.AsyncClient(base_url=base, timeout=60, limits=limits) as http:
-            async def worker() -> None:
-                while time.perf_counter() < stop:
-                    t = time.perf_counter()
-                    r = await http.post("/api/v1/recognition/recognize", headers={"x-api-key": key},
-                                        files={"file": ("face.jpg", jpeg, "image/jpeg")})
-                    latencies.append((time.perf_counter() - t) * 1000)
-                    statuses[r.status_code] = statuses.get(r.status_code, 0) + 1
+            async def post() -> tuple[int, bytes]:
+                r = await http.post("/api/v1/recognition/recognize", headers={"x-api-key": key},
+                                    files={"file": ("face.jpg", jpeg, "image/jpeg")})
+                return r.status_code, r.content
 
-            t0 = time.perf_counter()
-            await asyncio.gather(*(worker() for _ in range(clients)))
-            elapsed = time.perf_counter() - t0
+            await asyncio.gather(*(worker(post) for _ in range(clients)))
     else:
-        request = lean_request(base, key, jpeg)
-        host, port = httpx.URL(base).host, httpx.URL(base).port
-
-        async def lean_worker() -> None:
-            reader, writer = await asyncio.open_connection(host, port)
-            try:
-                while time.perf_counter() < stop:
-                    t = time.perf_counter()
-                    writer.write(request)
-                    status, body, close = await read_response(reader)
-                    latencies.append((time.perf_counter() - t) * 1000)
-                    statuses[status] = statuses.get(status, 0) + 1
-                    if status == 200 and b'"subject"' not in body:
-                        raise AssertionError(f"recognize found no subject: {body[:200]!r}")
-                    if close:
-                        writer.close()
-                        reader, writer = await asyncio.open_connection(host, port)
-            finally:
-                writer.close()
-
-        t0 = time.perf_counter()
-        await asyncio.gather(*(lean_worker() for _ in range(clients)))
-        elapsed = time.perf_counter() - t0
+        url, request = httpx.URL(base), lean_request(base, key, jpeg)
+        connections = [LeanConnection(url.host, url.port, request) for _ in range(clients)]
+        try:
+            await asyncio.gather(*(worker(c.post) for c in connections))
+        finally:
+            for c in connections:
+                c.close()
+    elapsed = time.perf_counter() - t0
     ok = statuses.get(200, 0)
     return {"clients": clients, "requests": len(latencies), "ok": ok, "req_per_s": ok / elapsed,
             "p50_ms": float(np.percentile(latencies, 50)), "p99_ms": float(np.percentile(latencies, 99)),
             "errors": len(latencies) - ok}
+
+
+class LeanConnection:
+    """One keep-alive connection that writes the pre-encoded request and reads the answer
+    (reconnecting when the server closes)."""
+
+    def __init__(self, host: str, port: int, request: bytes) -> None:
+        self.host, self.port, self.request = host, port, request
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+
+    async def post(self) -> tuple[int, bytes]:
+        if self.writer is None:
+            self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
+        self.writer.write(self.request)
+        status, body, close = await read_response(self.reader)
+        if close:
+            self.close()
+        return status, body
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+        self.reader = self.writer = None
 
 
 def lean_request(base: str, key: str, jpeg: bytes) -> bytes:

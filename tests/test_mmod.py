@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from server.backends.onnxruntime import OnnxRuntimeBackend
+from server.bench import iou
 from server.imaging import decode_image
 from server.models import repository
 from server.models.dlib_format import DlibFormatError, DlibReader
@@ -138,13 +139,8 @@ def test_large_image_is_downscaled_and_mapped_back(detector):
     rects, _ = detector.detect(big)
     want, _ = detector.detect(small)
     assert rects.shape == want.shape == (1, 4)
-    got = rects[0] / 4  # the same face, in the big image's pixels (4x the small one)
-    ref = want[0].astype(np.float64)
-    iw = min(got[2], ref[2]) - max(got[0], ref[0])
-    ih = min(got[3], ref[3]) - max(got[1], ref[1])
-    inter = max(iw, 0) * max(ih, 0)
-    union = (got[2] - got[0]) * (got[3] - got[1]) + (ref[2] - ref[0]) * (ref[3] - ref[1]) - inter
-    assert inter / union > 0.7, (got, ref)
+    got = rects / 4  # the same face, in the big image's pixels (4x the small one)
+    assert iou(got, want.astype(np.float64))[0, 0] > 0.7, (got, want)
 
 
 def test_resize_matches_dlib_layout():

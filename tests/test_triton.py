@@ -325,12 +325,14 @@ def test_pipeline_matches_onnxruntime(triton, python_repo, reference_faces, prot
 
 @pytest.mark.parametrize("protocol,shared_memory", [("grpc", "none"), ("http", "system")])
 def test_mmod_fallback_through_triton_matches_onnxruntime(triton, python_repo, reference, protocol, shared_memory):
-    """The MMOD fallback's model (dynamic H x W tiled pyramid) served by Triton: the same rects,
-    scores and face as in-process, on a face MTCNN misses (orl s2/6) and on the astronaut."""
+    """The MMOD fallback's model (dynamic H x W tiled pyramid) served by Triton: the same rects and
+    scores as in-process, on a face MTCNN misses (orl s2/6) and on the astronaut."""
+    from skimage.data import astronaut
+
     from server.pipeline.mmod import MmodDetector
 
     facedata = SHARED / "facedata" / "dev"
-    images = {"astronaut": _images()["astronaut"]}
+    images = {"astronaut": astronaut()}
     if facedata.is_dir():
         from server.imaging import decode_image
 

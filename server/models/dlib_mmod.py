@@ -224,9 +224,3 @@ def build_mmod_onnx(path: Path | str | None = None, net: DlibMmod | None = None)
         producer=PRODUCER_NAME,
     )
 
-
-def write_mmod_onnx(out_path: Path | str, dat_path: Path | str | None = None) -> Path:
-    out = Path(out_path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_bytes(build_mmod_onnx(dat_path).SerializeToString(deterministic=True))
-    return out

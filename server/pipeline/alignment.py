@@ -200,10 +200,7 @@ MTCNN_POINTS_IN_CHIP = np.array(
 def mtcnn_points(shape5: np.ndarray) -> np.ndarray:
     """(5,2) float32 MTCNN-style landmarks in image pixels for a dlib 5-point shape: the fitted
     template above mapped through the chip transform dlib's get_face_chip uses for that shape."""
-    k = 1.0 / (2 * CHIP_PADDING + 1)
-    template = [((CHIP_PADDING + x) * k * CHIP_SIZE, (CHIP_PADDING + y) * k * CHIP_SIZE) for x, y in _TEMPLATE5.tolist()]
-    points = [(float(x), float(y)) for x, y in np.asarray(shape5, np.float64).reshape(-1, 2)]
-    m, b = _similarity_dlib(template, points)  # chip -> image
+    m, b = _chip_transform(shape5, CHIP_SIZE, CHIP_PADDING)
     return (MTCNN_POINTS_IN_CHIP @ np.asarray(m).T + np.asarray(b)).astype(np.float32)
 
 
@@ -504,12 +501,17 @@ def _lround(v: float) -> int:
     return int(math.floor(v + 0.5)) if v >= 0 else -int(math.floor(-v + 0.5))
 
 
-def _chip_details(shape5: np.ndarray, size: int, padding: float) -> tuple[_DRect, float]:
-    """get_face_chip_details + chip_details(chip_points, img_points): (rect, angle)."""
+def _chip_transform(shape5: np.ndarray, size: int, padding: float) -> tuple[list[list[float]], list[float]]:
+    """get_face_chip_details' similarity transform (m, b): chip pixels -> image pixels for the shape."""
     k = 1.0 / (2 * padding + 1)  # dlib: (padding + p) / (2*padding + 1) on a matrix multiplies by 1/x
     template = [((padding + x) * k * size, (padding + y) * k * size) for x, y in _TEMPLATE5.tolist()]
     points = [(float(x), float(y)) for x, y in np.asarray(shape5, np.float64).reshape(-1, 2)]
-    m, b = _similarity_dlib(template, points)
+    return _similarity_dlib(template, points)
+
+
+def _chip_details(shape5: np.ndarray, size: int, padding: float) -> tuple[_DRect, float]:
+    """get_face_chip_details + chip_details(chip_points, img_points): (rect, angle)."""
+    m, b = _chip_transform(shape5, size, padding)
     px, py = m[0][0], m[1][0]  # tform.get_m() * (1, 0)
     angle = math.atan2(py, px)
     scale = math.sqrt(px * px + py * py)  # dlib length(), not hypot (last-bit differences)

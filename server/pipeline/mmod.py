@@ -396,8 +396,7 @@ class MmodDetector:
         if (small_h, small_w) != (h, w):  # downscaled for max_pixels: back to original pixels
             sx, sy = w / small_w, h / small_h
             boxes = np.rint(boxes * np.array([sx, sy, sx, sy])).astype(np.int64)
-        return boxes.astype(np.int64), conf.astype(np.float32)
-
+        return boxes, conf.astype(np.float32)
 
     def detection_size(self, h: int, w: int) -> tuple[int, int]:
         """The size the image is detected at: at most max_pixels, tiled pyramid within MAX_TILED_SIDE."""
