@@ -300,18 +300,21 @@ def _table(rows: list[dict], fmt: dict[str, str] | None = None) -> str:
 
 
 def run_pipeline_bench(args: argparse.Namespace) -> dict:
-    from server.backends.onnxruntime import OnnxRuntimeBackend
+    from server.backends import create_backend
     from server.models.repository import ensure_built
     from server.pipeline import FacePipeline
 
-    settings = Settings.from_env(model_dir=args.model_dir)
+    settings = Settings.from_env(model_dir=args.model_dir, backend=args.backend, torch_device=args.device,
+                                 inference_threads=args.threads, batching=False)
     ensure_built(settings.model_dir)
-    pipeline = FacePipeline.from_settings(settings, backend=OnnxRuntimeBackend(settings.model_dir, threads=args.threads))
+    backend = create_backend(settings)
+    pipeline = FacePipeline.from_settings(settings, backend=backend)
     facedata = Path(args.facedata)
     have_data = facedata.is_dir()
-    report: dict = {"threads": args.threads}
-    print(f"# pipeline benchmark ({args.threads} inference threads)\n")
-    report["embedder"] = bench_embedder(pipeline)
+    where = f", device {backend.device}" if hasattr(backend, "device") else ""
+    report: dict = {"threads": args.threads, "backend": settings.backend, "device": str(getattr(backend, "device", "cpu"))}
+    print(f"# pipeline benchmark (backend {settings.backend}{where}, {args.threads} CPU inference threads)\n")
+    report["embedder"] = bench_embedder(pipeline, tuple(int(b) for b in args.batches.split(",")))
     print("## embedder\n" + _table(report["embedder"], {"ms_per_batch": ".1f", "faces_per_s": ".0f"}) + "\n")
     report["detector"] = bench_detector(pipeline, detector_images(facedata if have_data else None))
     print("## detector (median ms)\n" + _table(report["detector"], {"detect_ms": ".1f", "faces_call_ms": ".1f"}) + "\n")
@@ -342,6 +345,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--facedata", default=str(DEFAULT_FACEDATA))
     p.add_argument("--model-dir", default=None)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "torch"])
+    p.add_argument("--device", default="auto", help="torch backend: auto | cpu | cuda | cuda:N")
+    p.add_argument("--batches", default="1,8,32,64", help="embedder batch sizes (e.g. 64,128,256,512 on a GPU)")
     p.add_argument("--skip-accuracy", action="store_true")
     p.add_argument("--out", help="also write the report as JSON")
     args = parser.parse_args(argv)

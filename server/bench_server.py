@@ -1,6 +1,6 @@
 """End-to-end throughput of the HTTP server against the raw in-process pipeline, in one run.
 
-    python -m server.bench_server [--clients 1,8,32,64] [--seconds 20] [--backend onnxruntime|triton]
+    python -m server.bench_server [--clients 1,8,32,64] [--seconds 20] [--backend onnxruntime|triton|torch]
                                [--client lean|httpx]
 
 Starts the real server (a subprocess on a free 127.0.0.1 port, fresh data dir), enrols the
@@ -219,7 +219,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m server.bench_server")
     parser.add_argument("--clients", default="1,8,32,64")
     parser.add_argument("--seconds", type=float, default=20.0)
-    parser.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "triton"])
+    parser.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "triton", "torch"],
+                        help="the server's backend; the raw pipeline runs on torch too for torch, else onnxruntime")
     parser.add_argument("--client", default="lean", choices=["lean", "httpx"],
                         help="load generator: pre-encoded requests on raw asyncio sockets (default) or httpx")
     parser.add_argument("--env", action="append", default=[], help="NAME=VALUE for the server (e.g. FR_BATCHING=0)")
@@ -228,6 +229,9 @@ def main(argv: list[str] | None = None) -> int:
     settings = Settings.from_env()
     jpeg = sample_jpeg()
     env_extra = dict(e.split("=", 1) for e in args.env)
+    if args.backend == "torch":
+        env_extra["FR_BACKEND"] = "torch"
+        settings = settings.with_(backend="torch")
     triton = None
     tmp = Path(tempfile.mkdtemp(prefix="bench-server-"))
     sys.path.insert(0, str(ROOT))  # the repo's test and load-test helpers

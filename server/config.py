@@ -17,7 +17,9 @@ class Settings:
     port: int = 8000
     admin_token: str = ""
     # inference
-    backend: str = "onnxruntime"  # onnxruntime (in-process) | triton (a tritonserver holding model_repository/)
+    # onnxruntime (in-process) | triton (a tritonserver holding model_repository/) | torch (in-process
+    # PyTorch on a GPU when there is one: server/backends/torch.py; needs `pip install torch`)
+    backend: str = "onnxruntime"
     # threads of one ONNX Runtime session; 0: auto (see intra_op_threads()): one with the micro-batcher,
     # whose model instances then run side by side, onnxruntime's default (one per core) without it
     inference_threads: int = 0
@@ -30,6 +32,9 @@ class Settings:
     triton_timeout_s: float = 60.0  # per request
     triton_wait_s: float = 120.0  # at start, how long to wait for Triton and its models to become ready
     triton_cuda_device: int = 0  # GPU of the CUDA shared-memory regions
+    # torch backend: auto (a CUDA GPU when torch sees one, else the CPU) | cpu | cuda | cuda:N; float16 weights on a GPU
+    torch_device: str = "auto"
+    torch_half: bool = False
     # detection (CompreFace's facenet build: det_prob_threshold 0.85, images <= 640 px)
     det_prob_threshold: float = 0.85
     min_face_size: int = 20
@@ -137,8 +142,18 @@ class Settings:
             return self.inference_threads
         return 1 if self.batching else 0  # 0: onnxruntime's default, one per core
 
+    def inference_on_cpu(self) -> bool:
+        """True when inference runs on this machine's cores (ONNX Runtime, or torch without a GPU)."""
+        if self.backend == "onnxruntime":
+            return True
+        if self.backend == "torch":
+            from server.backends.torch import resolve_device
+
+            return resolve_device(self.torch_device) == "cpu"
+        return False
+
     def model_instances(self) -> int:
-        return self.batch_instances or (usable_cores() if self.backend == "onnxruntime" else 2)
+        return self.batch_instances or (usable_cores() if self.inference_on_cpu() else 2)
 
     def inflight_limit(self) -> int:
         if self.max_inflight_inference:
@@ -146,7 +161,7 @@ class Settings:
         cores = usable_cores()
         if not self.batching:
             return max(2, cores)
-        return self.model_instances() + 1 if self.backend == "onnxruntime" else max(32, 8 * cores)
+        return self.model_instances() + 1 if self.inference_on_cpu() else max(32, 8 * cores)
 
 
 def usable_cores() -> int:

@@ -21,4 +21,9 @@ def create_backend(settings: Settings) -> Backend:
             timeout_s=settings.triton_timeout_s, wait_s=settings.triton_wait_s,
             cuda_device=settings.triton_cuda_device,
         )
-    raise ValueError(f"unknown backend {settings.backend!r} (expected: onnxruntime, triton)")
+    if settings.backend == "torch":
+        from server.backends.torch import TorchBackend
+
+        return TorchBackend(settings.model_dir, device=settings.torch_device, half=settings.torch_half,
+                            threads=settings.intra_op_threads())
+    raise ValueError(f"unknown backend {settings.backend!r} (expected: onnxruntime, triton, torch)")
