@@ -28,9 +28,9 @@ setup() {
     if [ "${1:-}" = test ]; then
         install_once test -e ".[test]"
         install_once sdk --no-deps compreface-sdk==0.6.0
-        # the torch backend's tests; 2.13.0 is the CPU build this kind of machine carries on disk
-        # (a looser pin would fetch the newest release with several GB of CUDA packages)
-        install_once torch torch==2.13.0
+        # the torch backend's tests (they skip without it); 2.13.0 is the CPU build this kind of
+        # machine carries on disk (a looser pin would fetch the newest release with several GB of CUDA packages)
+        install_once torch torch==2.13.0 || echo "torch not installed: the torch backend's tests will skip" >&2
         scripts/triton_env.sh
     else
         install_once serve -e .
