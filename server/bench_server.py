@@ -1,7 +1,7 @@
 """End-to-end throughput of the HTTP server against the raw in-process pipeline, in one run.
 
-    python -m server.bench_server [--clients 1,8,32,64] [--seconds 20] [--backend onnxruntime|triton|torch]
-                               [--client lean|httpx]
+    python -m server.bench_server [--clients 1,8,32,64] [--seconds 20] [--repeat 1]
+                               [--backend onnxruntime|triton|torch] [--client lean|httpx]
 
 Starts the real server (a subprocess on a free 127.0.0.1 port, fresh data dir), enrols the
 astronaut, then for each client count posts a 1-face 640x480 JPEG to /recognize as fast as the
@@ -215,10 +215,27 @@ class RawPipeline:
         return sum(counts) / (time.perf_counter() - t0)
 
 
+def level_ratios(rows: list[dict]) -> dict[int, dict]:
+    """Per client count: the median over rounds of its req/s and of each ratio, each ratio taken
+    within one round (against that round's 1-client level, or the measurements right after it)."""
+    import statistics
+
+    one = {r["round"]: r["req_per_s"] for r in rows if r["clients"] == 1}
+    per: dict[int, list[dict]] = {}
+    for r in rows:
+        per.setdefault(r["clients"], []).append({
+            "req_per_s": r["req_per_s"], "vs_raw_best": r["req_per_s"] / r["raw_best"],
+            "vs_raw_one_stream": r["req_per_s"] / r["raw_one_stream"],
+            "vs_1_client": r["req_per_s"] / one[r["round"]] if r["round"] in one else float("nan"),
+            "vs_1_client_adjacent": r["req_per_s"] / r["one_client"]})
+    return {n: {"rounds": len(v), **{k: statistics.median(x[k] for x in v) for k in v[0]}} for n, v in per.items()}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m server.bench_server")
     parser.add_argument("--clients", default="1,8,32,64")
     parser.add_argument("--seconds", type=float, default=20.0)
+    parser.add_argument("--repeat", type=int, default=1, help="rounds over all client levels; the summary gives medians")
     parser.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "triton", "torch"],
                         help="the server's backend; the raw pipeline runs on torch too for torch, else onnxruntime")
     parser.add_argument("--client", default="lean", choices=["lean", "httpx"],
@@ -268,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
             c.post("/api/v1/recognition/faces", params={"subject": "astronaut"}, headers={"x-api-key": key},
                    files={"file": ("a.jpg", jpeg, "image/jpeg")}).raise_for_status()
             asyncio.run(load(base, key, jpeg, 2, 3, args.client))  # warm-up
-            for n in (int(x) for x in args.clients.split(",")):
+            for rnd, n in ((r, int(x)) for r in range(args.repeat) for x in args.clients.split(",")):
                 before = batch_means(c.get("/metrics").text)
                 cpu0 = (_cpu_s(server.proc.pid), sum(os.times()[:2]))
                 row = asyncio.run(load(base, key, jpeg, n, args.seconds, args.client))
@@ -290,15 +307,15 @@ def main(argv: list[str] | None = None) -> int:
                 # the idle server holds no core while the raw pipeline runs beside it
                 row["raw_best"] = raw.measure(*cfg(best_cfg), args.seconds / 2)
                 row["raw_one_stream"] = raw.measure(*cfg(one_cfg), args.seconds / 2)
+                row["round"] = rnd
                 report["levels"].append(row)
-                print(f"  {n} clients: {row['req_per_s']:.1f} req/s, p50 {row['p50_ms']:.0f} ms; raw best "
+                print(f"  round {rnd + 1}, {n} clients: {row['req_per_s']:.1f} req/s, p50 {row['p50_ms']:.0f} ms; raw best "
                       f"{row['raw_best']:.1f} images/s", flush=True)
     finally:
         server.stop()
         if triton:
             triton.stop()
         shutil.rmtree(tmp, ignore_errors=True)  # the server's data dir and logs
-    levels = {r["clients"]: r for r in report["levels"]}
     print(f"\n# server benchmark: recognize, 1-face 640x480 JPEG, backend {args.backend} {env_extra or ''}\n")
     print(_table(report["levels"], {"req_per_s": ".1f", "p50_ms": ".0f", "p99_ms": ".0f", "server_cpu_ms": ".1f",
                                      "loadgen_cpu_ms": ".1f", "one_client": ".1f", "raw_best": ".1f",
@@ -308,18 +325,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nbest: {best_cfg['streams']} stream(s) x {best_cfg['threads']} thread(s), batch {best_cfg['batch']}; "
           f"best single stream: batch {one_cfg['batch']} (raw_best / raw_one_stream above: the same, re-measured "
           f"right after each level)")
-    ratios = {}
-    if 1 in levels:
-        for n, r in levels.items():
-            ratios[n] = {"vs_raw_best": r["req_per_s"] / r["raw_best"],
-                         "vs_raw_one_stream": r["req_per_s"] / r["raw_one_stream"],
-                         "vs_1_client": r["req_per_s"] / levels[1]["req_per_s"],
-                         "vs_1_client_adjacent": r["req_per_s"] / r["one_client"]}
-        print("\n## ratios (vs_1_client: against the 1-client level; _adjacent: against 1 client re-measured right "
-              "after this level)\n")
-        print(_table([{"clients": n, **v} for n, v in ratios.items()],
-                     {"vs_raw_best": ".2f", "vs_raw_one_stream": ".2f", "vs_1_client": ".2f",
-                      "vs_1_client_adjacent": ".2f"}))
+    ratios = level_ratios(report["levels"])
+    print("\n## per client count, median over rounds (ratios taken within a round; vs_1_client: against the "
+          "round's 1-client level; _adjacent: against 1 client re-measured right after this level)\n")
+    print(_table([{"clients": n, **v} for n, v in ratios.items()],
+                 {"req_per_s": ".1f", "vs_raw_best": ".2f", "vs_raw_one_stream": ".2f", "vs_1_client": ".2f",
+                  "vs_1_client_adjacent": ".2f"}))
     report["ratios"] = ratios
     if args.out:
         Path(args.out).write_text(json.dumps(report, indent=2))

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from server.bench_server import load, sample_jpeg
+from server.bench_server import level_ratios, load, sample_jpeg
 from tests.api_server import live_server
 
 R = "/api/v1/recognition"
@@ -31,3 +31,20 @@ def test_load_generator_counts_answers(server, client):
     # a wrong key: every answer is a 401 JSON error, counted as an error, none as ok
     bad = asyncio.run(load(server.base_url, "00000000-0000-0000-0000-000000000000", jpeg, 2, 0.5, client))
     assert bad["requests"] >= 2 and bad["ok"] == 0 and bad["errors"] == bad["requests"]
+
+
+def test_level_ratios_are_medians_of_ratios_within_a_round():
+    def row(rnd, clients, rps, one, raw_best, raw_one):
+        return {"round": rnd, "clients": clients, "req_per_s": rps, "one_client": one, "raw_best": raw_best,
+                "raw_one_stream": raw_one}
+
+    rows = [row(0, 1, 10, 10, 20, 15), row(0, 32, 18, 9, 20, 15),   # a fast round
+            row(1, 1, 5, 5, 10, 8), row(1, 32, 9.5, 5, 10, 8),        # the machine at half speed
+            row(2, 1, 10, 10, 20, 15), row(2, 32, 20, 10, 21, 15)]
+    r = level_ratios(rows)
+    assert r[32]["rounds"] == 3 and r[32]["req_per_s"] == 18
+    # within-round ratios 1.8, 1.9, 2.0: the median is 1.9, though no round has 18 req/s against 9.5
+    assert r[32]["vs_1_client"] == pytest.approx(1.9)
+    assert r[32]["vs_1_client_adjacent"] == pytest.approx(2.0)  # 2.0, 1.9, 2.0
+    assert r[32]["vs_raw_best"] == pytest.approx(0.95)  # 0.9, 0.95, 0.952
+    assert r[1]["vs_1_client"] == 1.0
