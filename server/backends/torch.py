@@ -55,8 +55,8 @@ class TorchBackend:
             raise BackendError("half precision needs a CUDA device (torch runs float16 convolutions on GPUs)")
         self.dtype = torch.float16 if half else torch.float32
         self.threads = threads  # CPU threads; torch has one process-wide pool, set again by run() if changed
-        if self.device.type == "cuda":
-            torch.backends.cudnn.benchmark = True  # fastest kernels per input shape, chosen once per shape
+        # cudnn.benchmark stays off: it tunes kernels anew for every input shape, and P-Net's pyramid
+        # levels take a new shape for every image aspect ratio (and every model one per batch size)
         self._graphs: dict = {}
         self._lock = threading.Lock()
 
