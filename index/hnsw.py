@@ -346,31 +346,56 @@ class _Graph:
             return np.zeros(0, np.int64), np.zeros((0, self.dim), np.float32)
         return np.concatenate([c[0] for c in chunks]), np.concatenate([c[1] for c in chunks])
 
-    def search(self, q: np.ndarray, k: int, masked: set[int] | None) -> tuple[np.ndarray, np.ndarray]:
+    def search(self, q: np.ndarray, k: int, masked: set[int] | None,
+               escalate: tuple[float, int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k (labels, squared distances). `escalate` = (squared distance, ef): queries whose
+        nearest result lies farther than that are searched again with that ef (see VectorIndex)."""
         if self.count == 0 or k == 0:
             return _empty(q.shape[0], k)
         extra = len(masked) if masked else 0
-        try:
-            if extra > _MASK_OVERFETCH_MAX:
-                is_masked = masked.__contains__  # type: ignore[union-attr]
+        if extra > _MASK_OVERFETCH_MAX:
+            is_masked = masked.__contains__  # type: ignore[union-attr]
+            try:  # a Python filter per visited node: slow, so never escalated (a transient state)
                 labels, d2 = self.g.knn_query(q, k=min(k, self.count), num_threads=1,
                                               filter=lambda x: not is_masked(x))
-            else:
-                labels, d2 = self.g.knn_query(q, k=min(k + extra, self.count), num_threads=1)
+            except RuntimeError:
+                return self._exact(q, k, masked)
+            return labels.astype(np.int64), d2.astype(np.float32, copy=False)
+        try:
+            labels, d2 = self._knn(q, k, masked, min(k + extra, self.count))
         except RuntimeError:
-            # hnswlib found fewer than k live elements (many deleted ones cut the graph): be exact
-            flat = _Flat(self.dim, max(16, self.count))
-            live_labels, live_vectors = self.live()
-            flat.extend(live_labels, live_vectors)
-            return flat.search(q, k, masked)
+            return self._exact(q, k, masked)
+        if escalate is not None:
+            far2, ef = escalate
+            fetch = min(max(ef, k + extra), self.count)
+            rows = np.flatnonzero(~(d2[:, 0] <= far2))  # a masked-out (inf) first result counts as far
+            if rows.size and fetch > k + extra:
+                try:  # hnswlib searches with ef = max(its ef, k): asking for `fetch` results is ef `fetch`
+                    labels[rows], d2[rows] = self._knn(q[rows], k, masked, fetch)
+                except RuntimeError:
+                    pass  # too few live elements reachable for that many results: keep the first answer
+        return labels, d2
+
+    def _knn(self, q: np.ndarray, k: int, masked: set[int] | None, fetch: int) -> tuple[np.ndarray, np.ndarray]:
+        """hnswlib's `fetch` nearest, masked labels removed, cut to k (RuntimeError when hnswlib
+        finds fewer than `fetch` live elements)."""
+        labels, d2 = self.g.knn_query(q, k=fetch, num_threads=1)
         labels = labels.astype(np.int64)
         d2 = d2.astype(np.float32, copy=False)
-        if extra and extra <= _MASK_OVERFETCH_MAX:
-            hide = np.isin(labels, np.fromiter(masked, np.int64, extra))  # type: ignore[arg-type]
+        if masked:
+            hide = np.isin(labels, np.fromiter(masked, np.int64, len(masked)))
             labels[hide] = -1
             d2 = np.where(hide, np.float32(np.inf), d2)
+        if masked:
             return _smallest_pairs(labels, d2, k)
-        return labels, d2
+        return labels[:, :k], d2[:, :k]  # hnswlib's results come nearest first
+
+    def _exact(self, q: np.ndarray, k: int, masked: set[int] | None) -> tuple[np.ndarray, np.ndarray]:
+        # hnswlib found fewer than k live elements (many deleted ones cut the graph): be exact
+        flat = _Flat(self.dim, max(16, self.count))
+        live_labels, live_vectors = self.live()
+        flat.extend(live_labels, live_vectors)
+        return flat.search(q, k, masked)
 
     def per_element_bytes(self) -> int:
         """hnswlib's memory per allocated element: level-0 block (links + vector + label), its
@@ -448,16 +473,24 @@ class VectorIndex:
         M: int = 16,
         ef_construction: int = 200,
         ef_search: int = 64,
+        escalate_distance: float = 0.0,
+        escalate_ef: int = 1024,
         initial_capacity: int = 1024,
         build_threads: int = -1,
     ) -> None:
-        if dim <= 0 or M <= 1 or ef_construction <= 0 or ef_search <= 0 or exact_below < 0:
+        if (dim <= 0 or M <= 1 or ef_construction <= 0 or ef_search <= 0 or exact_below < 0
+                or not escalate_distance >= 0 or escalate_ef <= 0):
             raise ValueError("bad index parameters")
         self.dim = dim
         self.exact_below = exact_below
         self.M = M
         self.ef_construction = ef_construction
         self.ef_search = ef_search
+        # graph search, second pass: a query whose nearest face is farther than escalate_distance
+        # (no confident match: a stranger, or a face whose own photos the first pass missed) is
+        # searched again with ef escalate_ef. 0: off.
+        self.escalate_distance = float(escalate_distance)
+        self.escalate_ef = int(escalate_ef)
         self.build_threads = build_threads
         self._lock = _RWLock()
         self._maint = threading.Lock()  # held by whoever froze the base (one save or build at a time)
@@ -522,13 +555,19 @@ class VectorIndex:
                 return np.zeros((q.shape[0], kk), np.int64), np.zeros((q.shape[0], kk), np.float32)
             ov = self._overlay
             if ov is None:
-                labels, d2 = self._base.search(q, kk, None)
+                labels, d2 = self._search_base(q, kk, None)
             else:
                 # the base holds len(base) - hidden visible faces: never ask it for more
-                bl, bd = self._base.search(q, min(kk, len(self._base) - ov.hidden), ov.touched)
+                bl, bd = self._search_base(q, min(kk, len(self._base) - ov.hidden), ov.touched)
                 ol, od = ov.flat.search(q, kk, None)
                 labels, d2 = _smallest_pairs(np.concatenate([bl, ol], 1), np.concatenate([bd, od], 1), kk)
         return labels, np.sqrt(d2).astype(np.float32, copy=False)
+
+    def _search_base(self, q: np.ndarray, k: int, masked: set[int] | None) -> tuple[np.ndarray, np.ndarray]:
+        base = self._base
+        if isinstance(base, _Graph) and self.escalate_distance > 0:
+            return base.search(q, k, masked, (self.escalate_distance ** 2, self.escalate_ef))
+        return base.search(q, k, masked)
 
     def vectors(self, labels: Iterable[int]) -> dict[int, np.ndarray]:
         """The stored vectors of the labels present (others are left out)."""
@@ -704,6 +743,13 @@ class VectorIndex:
             if isinstance(self._base, _Graph):
                 self._base.g.set_ef(self.ef_search)
 
+    def set_escalation(self, distance: float, ef: int) -> None:
+        """Change the second search (see __init__): top-1 distance beyond which it runs, and its ef."""
+        if not distance >= 0 or ef <= 0:
+            raise ValueError("escalation needs distance >= 0 and ef > 0")
+        with self._lock.write():
+            self.escalate_distance, self.escalate_ef = float(distance), int(ef)
+
     # ------------------------------------------------------------------ memory
     def memory_bytes(self) -> int:
         """Estimated RAM of the index (what hnswlib and numpy allocate for it)."""
@@ -719,7 +765,8 @@ class VectorIndex:
             out: dict[str, object] = {"faces": self._size(), "mode": base.kind, **base.stats(),
                                       "building": self.building, "frozen": self._overlay is not None}
             if isinstance(base, _Graph):
-                out.update(M=base.g.M, ef_construction=base.g.ef_construction, ef_search=self.ef_search)
+                out.update(M=base.g.M, ef_construction=base.g.ef_construction, ef_search=self.ef_search,
+                           escalate_distance=self.escalate_distance, escalate_ef=self.escalate_ef)
         out["memory_bytes"] = self.memory_bytes()
         n = out["faces"]
         out["bytes_per_face"] = round(out["memory_bytes"] / n) if n else 0  # type: ignore[operator]

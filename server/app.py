@@ -121,6 +121,7 @@ def _open_data(state: AppState) -> None:
     state.index = IndexRegistry(
         Path(settings.data_dir) / INDEX_DIR, state.storage, exact_below=settings.index_exact_below,
         M=settings.index_m, ef_construction=settings.index_ef_construction, ef_search=settings.index_ef_search,
+        escalate_distance=settings.index_escalate_distance, escalate_ef=settings.index_escalate_ef,
         snapshot_every=settings.index_snapshot_every, snapshot_interval_s=settings.index_snapshot_interval_s,
         build_threads=settings.index_build_threads,
     )

@@ -176,6 +176,68 @@ def test_large_k_in_graph_mode() -> None:
     assert np.mean([len(set(g) & set(w)) / 100 for g, w in zip(got.tolist(), want.tolist())]) >= 0.95
 
 
+def test_second_search_for_far_top1() -> None:
+    """A query whose nearest face lies beyond escalate_distance is searched again with ef
+    escalate_ef: on a deliberately poor graph (M=4, ef 1) that turns a poor top-1 into (nearly
+    always) the exact one, while a first answer within the distance stands."""
+    rng = np.random.default_rng(11)
+    v = unit(rng, 3000)
+    labels = np.arange(3000)
+    index = VectorIndex(exact_below=100, M=4, ef_construction=16, ef_search=1, build_threads=1)
+    index.add(labels, v)
+    assert index.uses_graph
+    strangers = unit(rng, 300)  # random directions in 128-d: nearest face ~1.2 away
+    want = brute(labels, v, strangers, 1)[0][:, 0]
+    first = index.search(strangers, 1)[0][:, 0]
+    assert np.mean(first == want) < 0.9  # the poor graph alone misses many (measured ~0.3)
+    index.set_escalation(0.5, 1500)  # ef = half the elements: the second pass finds the nearest
+    got, dist = index.search(strangers, 3)
+    # random 128-d directions are as hard as data gets for HNSW: a few stay missed even at ef 1500
+    assert np.mean(got[:, 0] == want) >= 0.97
+    assert np.all(dist[:, 0] > 0.5) and np.all(np.diff(dist, axis=1) >= 0)
+    # a face seen again (~0.34 away): where the first pass found a face within 0.5 its answer
+    # stands (the same as without a second pass); where it did not, the second pass finds the face
+    near = noisy(rng, v[:300])
+    with_second = index.search(near, 2)
+    index.set_escalation(0.0, 1500)
+    without = index.search(near, 2)
+    confident = without[1][:, 0] <= 0.5
+    assert 0 < confident.sum() < 300
+    np.testing.assert_array_equal(with_second[0][confident], without[0][confident])
+    assert np.mean(with_second[0][~confident, 0] == np.arange(300)[~confident]) >= 0.97
+    assert index.stats()["escalate_distance"] == 0.0
+    with pytest.raises(ValueError):
+        index.set_escalation(0.5, 0)
+    with pytest.raises(ValueError):
+        VectorIndex(escalate_distance=-1.0)
+
+
+def test_second_search_with_masked_labels(tmp_path: Path) -> None:
+    """While a snapshot freezes the graph, writes go to the overlay and the graph's copies of the
+    touched labels are masked: the second search must hide them as the first does."""
+    rng = np.random.default_rng(12)
+    v = unit(rng, 2000)
+    index = VectorIndex(exact_below=100, M=4, ef_construction=16, ef_search=1, escalate_distance=0.5,
+                        escalate_ef=1000, build_threads=1)
+    index.add(np.arange(2000), v)
+    strangers = unit(rng, 100)
+    nearest = brute(np.arange(2000), v, strangers, 1)[0][:, 0]
+    gone = np.unique(nearest[:40])  # delete the true nearest of 40 queries while the base is frozen
+    index._maint.acquire()  # as a running snapshot save does (VectorIndex.save): freeze the base
+    index._freeze()
+    try:
+        index.remove(gone)  # lands in the overlay; the graph still holds them, masked in searches
+        got = index.search(strangers, 1)[0][:, 0]
+    finally:
+        index._thaw()  # drains the overlay into the graph, releases _maint
+    keep = np.setdiff1d(np.arange(2000), gone)
+    want = brute(keep, v[keep], strangers, 1)[0][:, 0]
+    assert not np.isin(got, gone).any()
+    assert np.mean(got == want) >= 0.97  # HNSW on random 128-d data: a few stay approximate
+    after = index.search(strangers, 1)[0][:, 0]  # and after the thaw, from the graph alone
+    assert not np.isin(after, gone).any() and np.mean(after == want) >= 0.97
+
+
 # ------------------------------------------------------------------ VectorIndex: persistence
 @pytest.mark.parametrize("exact_below", [10_000, 100])
 def test_save_load_round_trip(tmp_path: Path, exact_below: int) -> None:
