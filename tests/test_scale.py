@@ -25,7 +25,8 @@ from server.storage.sqlite import SqliteStorage
 
 ROOT = Path(__file__).resolve().parents[1]
 SETTINGS = Settings()
-PARAMS = dict(M=SETTINGS.index_m, ef_construction=SETTINGS.index_ef_construction, ef_search=SETTINGS.index_ef_search)
+PARAMS = dict(M=SETTINGS.index_m, ef_construction=SETTINGS.index_ef_construction, ef_search=SETTINGS.index_ef_search,
+              escalate_distance=SETTINGS.index_escalate_distance, escalate_ef=SETTINGS.index_escalate_ef)
 
 
 def brute_top1(labels: np.ndarray, vectors: np.ndarray, q: np.ndarray) -> np.ndarray:
