@@ -5,7 +5,7 @@ A `VectorIndex` holds a *base* and, at times, an *overlay*:
 - base `_Flat`: numpy rows searched exactly (results == brute force), used below `exact_below`
   faces, and while a large graph is (re)built in the background;
 - base `_Graph`: hnswlib with the caller's labels as its labels. The vectors live only inside
-  hnswlib (no numpy copy: ~760 bytes per face at M=16 in all), deleted elements are reused by
+  hnswlib (no numpy copy: ~790 bytes per face at M=20 in all), deleted elements are reused by
   later adds (hnswlib's replace_deleted) and compacted by a background rebuild when they
   outnumber the live ones;
 - overlay: while the base is *frozen* (a snapshot is being written, or a graph is being built),

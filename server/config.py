@@ -70,22 +70,22 @@ class Settings:
     similarity_c1: float = 24.676692
     # index
     # Measured with `python -m server.bench_index` (2-core box, see its report): exact numpy search
-    # stays under ~0.2 ms up to 10k faces, so collections that small are searched exactly. M=16
-    # keeps hnswlib at ~760 B/face (M=24 would pass 800); ef_construction 400 bought ~1% recall for
-    # twice the build time. Search: ef 64 first; a query whose nearest face is farther than
-    # index_escalate_distance (L2 between normalised descriptors, similarity ~0.9995; same-person
-    # photos lie 0.24 +- 0.07 apart) is searched again with ef index_escalate_ef: HNSW's misses on
-    # face data are mostly queries whose own person's photos it never reached, whose top-1 then
-    # lies among the far crowd of other people. On face-like synthetic data, recall@1 vs exact /
-    # p50 / p99: 200k faces 0.9925 / 0.15 / 1.9 ms; 1M faces 0.98 / 0.32 / 7.9 ms (ef 128 alone:
-    # 0.97 / 0.31 ms at 200k, 0.90 / 0.43-0.64 ms at 1M); mean 1.9 ms at 1M.
+    # stays under ~0.2 ms up to 10k faces, so collections that small are searched exactly. M=20
+    # keeps hnswlib at ~790 B/face (M=16: ~760, M=24 would pass 800) and lifts 1M-face recall by
+    # ~0.01 over M=16; ef_construction 400 bought ~1% recall for twice the build time. Search: ef 64
+    # first; a query whose nearest face is farther than index_escalate_distance (L2 between
+    # normalised descriptors, similarity ~0.9995; same-person photos lie 0.24 +- 0.07 apart) is
+    # searched again with ef index_escalate_ef. HNSW's misses on face data are mostly queries whose
+    # own person's photos it never reached, whose top-1 then lies among the far crowd of other
+    # people. On face-like synthetic data, 1M faces, 10k queries: recall@1 vs exact 0.9924, p50 0.33
+    # ms, p99 14 ms, 788 B/face (a single search at ef 128, M=16: 0.90 at 0.43-0.64 ms).
     index_exact_below: int = 10_000
-    index_m: int = 16
+    index_m: int = 20
     index_ef_construction: int = 200
     index_ef_search: int = 64
     # the second search; 0 turns it off (see index/hnsw.py, VectorIndex)
     index_escalate_distance: float = 0.25
-    index_escalate_ef: int = 2048
+    index_escalate_ef: int = 4096
     # snapshots (a background thread): after this many changes, or when changes are this old
     index_snapshot_every: int = 1000
     index_snapshot_interval_s: float = 60.0
