@@ -382,13 +382,11 @@ class _Graph:
         labels, d2 = self.g.knn_query(q, k=fetch, num_threads=1)
         labels = labels.astype(np.int64)
         d2 = d2.astype(np.float32, copy=False)
-        if masked:
-            hide = np.isin(labels, np.fromiter(masked, np.int64, len(masked)))
-            labels[hide] = -1
-            d2 = np.where(hide, np.float32(np.inf), d2)
-        if masked:
-            return _smallest_pairs(labels, d2, k)
-        return labels[:, :k], d2[:, :k]  # hnswlib's results come nearest first
+        if not masked:
+            return labels[:, :k], d2[:, :k]  # hnswlib's results come nearest first
+        hide = np.isin(labels, np.fromiter(masked, np.int64, len(masked)))
+        labels[hide] = -1
+        return _smallest_pairs(labels, np.where(hide, np.float32(np.inf), d2), k)
 
     def _exact(self, q: np.ndarray, k: int, masked: set[int] | None) -> tuple[np.ndarray, np.ndarray]:
         # hnswlib found fewer than k live elements (many deleted ones cut the graph): be exact
