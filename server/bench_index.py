@@ -251,30 +251,28 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def sweep(index: VectorIndex, vectors: np.ndarray, q: np.ndarray, truth: np.ndarray) -> list[dict]:
+    """The first search's ef (the second as configured), then the second search's ef."""
     out = []
-    default = index.ef_search
+    default, wide = index.ef_search, index.escalate_ef
+
+    def measure(label: str, **params) -> None:
+        found, times, cpu = search_latency(index, q)
+        out.append({**params, **recall(vectors, q, found, truth),
+                    "p50_ms": float(np.percentile(times, 50) * 1000), "p99_ms": float(np.percentile(times, 99) * 1000),
+                    "cpu_p50_ms": float(np.percentile(cpu, 50) * 1000), "mean_ms": float(times.mean() * 1000)})
+        r = out[-1]
+        print(f"  {label}: recall@1 {r['recall_at_1']:.4f} (known {r['recall_at_1_known']:.4f}, "
+              f"unknown {r['recall_at_1_unknown']:.4f}), p50 {r['p50_ms']:.3f} ms, p99 {r['p99_ms']:.3f} ms, "
+              f"mean {r['mean_ms']:.3f} ms, CPU p50 {r['cpu_p50_ms']:.3f} ms", flush=True)
+
     for ef in (32, 64, 128, 192, 256, 384, 512):
         index.set_ef_search(ef)
-        found, times, cpu = search_latency(index, q)
-        out.append({"ef": ef, **recall(vectors, q, found, truth),
-                    "p50_ms": float(np.percentile(times, 50) * 1000), "p99_ms": float(np.percentile(times, 99) * 1000),
-                    "cpu_p50_ms": float(np.percentile(cpu, 50) * 1000)})
-        print(f"  ef {ef}: recall@1 {out[-1]['recall_at_1']:.4f} (known {out[-1]['recall_at_1_known']:.4f}, "
-              f"unknown {out[-1]['recall_at_1_unknown']:.4f}), p50 {out[-1]['p50_ms']:.3f} ms, "
-              f"p99 {out[-1]['p99_ms']:.3f} ms, CPU p50 {out[-1]['cpu_p50_ms']:.3f} ms", flush=True)
+        measure(f"ef {ef}", ef=ef)
     index.set_ef_search(default)
-    if index.escalate_distance:  # the second search's ef, at the default first one
-        wide = index.escalate_ef
+    if index.escalate_distance:
         for ef in (512, 1024, 2048, 4096):
             index.set_escalation(index.escalate_distance, ef)
-            found, times, cpu = search_latency(index, q)
-            out.append({"ef": default, "escalate_ef": ef, **recall(vectors, q, found, truth),
-                        "p50_ms": float(np.percentile(times, 50) * 1000),
-                        "p99_ms": float(np.percentile(times, 99) * 1000), "mean_ms": float(times.mean() * 1000)})
-            print(f"  ef {default}, then ef {ef} beyond {index.escalate_distance}: recall@1 {out[-1]['recall_at_1']:.4f} "
-                  f"(known {out[-1]['recall_at_1_known']:.4f}, unknown {out[-1]['recall_at_1_unknown']:.4f}), "
-                  f"p50 {out[-1]['p50_ms']:.3f} ms, p99 {out[-1]['p99_ms']:.3f} ms, mean {out[-1]['mean_ms']:.3f} ms",
-                  flush=True)
+            measure(f"ef {default}, then ef {ef} beyond {index.escalate_distance}", ef=default, escalate_ef=ef)
         index.set_escalation(index.escalate_distance, wide)
     return out
 
@@ -319,7 +317,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--escalate-ef", type=int, default=None)
     parser.add_argument("--threads", type=int, default=-1, help="build threads (-1: every core)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--sweep", action="store_true", help="also search with ef from 16 to 128")
+    parser.add_argument("--sweep", action="store_true",
+                        help="also search with first-search ef 32-512, then second-search ef 512-4096")
     parser.add_argument("--dir", help="where the snapshot goes (default: the temp folder)")
     parser.add_argument("--json", help="write the results here too")
     args = parser.parse_args(argv)

@@ -23,6 +23,7 @@ import json
 import os
 import re
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -218,8 +219,6 @@ class RawPipeline:
 def level_ratios(rows: list[dict]) -> dict[int, dict]:
     """Per client count: the median over rounds of its req/s and of each ratio, each ratio taken
     within one round (against that round's 1-client level, or the measurements right after it)."""
-    import statistics
-
     one = {r["round"]: r["req_per_s"] for r in rows if r["clients"] == 1}
     per: dict[int, list[dict]] = {}
     for r in rows:

@@ -49,10 +49,11 @@ class TorchGraph:
         self.dtype = dtype
         graph = model.graph
         self.consts: dict[str, object] = {}
-        self.host: dict[str, np.ndarray] = {}  # integer initializers, read on the host (pads, shapes)
+        self.host: dict[str, np.ndarray] = {}  # integers and scalars, read on the host (pads, pad value)
         for init in graph.initializer:
             arr = numpy_helper.to_array(init)
-            self.host[init.name] = arr
+            if arr.dtype.kind in "iu" or arr.size == 1:
+                self.host[init.name] = arr
             t = torch.from_numpy(np.array(arr, copy=True))  # writable, contiguous
             self.consts[init.name] = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
         initialised = set(self.consts)
@@ -127,27 +128,22 @@ def _pool(kind: str):
         begin, end = _spatial_pads(attrs)
         stride = tuple(attrs.get("strides", [1, 1]))
         ceil = bool(attrs.get("ceil_mode", 0))
+        # max pools pad with -inf; average pools with zeros, which the explicit pad can only count
         if kind == "max":
-            padding, explicit = _pre_pad(begin, end, kernel, float("-inf"))
-
-            def pool(x):
-                if not explicit:
-                    return F.max_pool2d(x, tuple(kernel), stride, padding, ceil_mode=ceil)
-                size = _pool_size(x.shape[2:], kernel, stride, begin, end, ceil)
-                y = F.max_pool2d(F.pad(x, explicit[0], value=explicit[1]), tuple(kernel), stride, ceil_mode=ceil)
-                return y[:, :, :size[0], :size[1]]
-            return pool
-        include = bool(attrs.get("count_include_pad", 0))
-        padding, explicit = _pre_pad(begin, end, kernel, 0.0)
-        if explicit and not include:
+            op, value, options, padded_options = F.max_pool2d, float("-inf"), {}, {}
+        else:
+            include = bool(attrs.get("count_include_pad", 0))
+            op, value = F.avg_pool2d, 0.0
+            options, padded_options = {"count_include_pad": include}, {"count_include_pad": True}
+        padding, explicit = _pre_pad(begin, end, kernel, value)
+        if explicit and kind == "avg" and not include:
             raise UnsupportedModel("asymmetric AveragePool pads without count_include_pad are not supported")
 
         def pool(x):
             if not explicit:
-                return F.avg_pool2d(x, tuple(kernel), stride, padding, ceil_mode=ceil, count_include_pad=include)
+                return op(x, tuple(kernel), stride, padding, ceil_mode=ceil, **options)
             size = _pool_size(x.shape[2:], kernel, stride, begin, end, ceil)
-            y = F.avg_pool2d(F.pad(x, explicit[0], value=explicit[1]), tuple(kernel), stride, ceil_mode=ceil,
-                             count_include_pad=True)
+            y = op(F.pad(x, explicit[0], value=explicit[1]), tuple(kernel), stride, ceil_mode=ceil, **padded_options)
             return y[:, :, :size[0], :size[1]]
         return pool
     return make

@@ -1,14 +1,13 @@
 """In-process ONNX Runtime backend (the embedded default)."""
 from __future__ import annotations
 
-import threading
 from pathlib import Path
 from typing import Mapping
 
 import numpy as np
 import onnxruntime as ort
 
-from server.backends.base import BackendError
+from server.backends.base import BackendError, ModelCache
 
 
 class OnnxRuntimeBackend:
@@ -27,38 +26,24 @@ class OnnxRuntimeBackend:
         available = ort.get_available_providers()
         preferred = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
         self.providers = providers or [p for p in preferred if p in available]
-        self._sessions: dict[str, ort.InferenceSession] = {}
-        self._input_types: dict[str, dict[str, np.dtype]] = {}
-        self._lock = threading.Lock()
+        # model -> (session, its input names -> numpy dtype)
+        self._sessions: ModelCache[tuple[ort.InferenceSession, dict[str, np.dtype]]] = ModelCache(
+            self.repository, self._open)
 
-    def session(self, model: str) -> ort.InferenceSession:
-        sess = self._sessions.get(model)
-        if sess is not None:
-            return sess
-        with self._lock:
-            sess = self._sessions.get(model)
-            if sess is None:
-                path = self.repository / model / "1" / "model.onnx"
-                if not path.is_file():
-                    raise BackendError(f"model {model!r} not found at {path}; run `python -m server models build`")
-                opts = ort.SessionOptions()
-                opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-                if self.threads:
-                    opts.intra_op_num_threads = self.threads
-                opts.inter_op_num_threads = 1
-                # Spinning worker threads steal the cores that concurrent requests and the batcher need:
-                # measured 3-4x slower detection under load with spinning on (see README, Performance).
-                opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if self.spin else "0")
-                sess = ort.InferenceSession(str(path), sess_options=opts, providers=self.providers)
-                self._input_types[model] = {
-                    i.name: np.dtype(_ORT_TYPES.get(i.type, np.float32)) for i in sess.get_inputs()
-                }
-                self._sessions[model] = sess
-        return sess
+    def _open(self, model: str, path: Path) -> tuple[ort.InferenceSession, dict[str, np.dtype]]:
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if self.threads:
+            opts.intra_op_num_threads = self.threads
+        opts.inter_op_num_threads = 1
+        # Spinning worker threads steal the cores that concurrent requests and the batcher need:
+        # measured 3-4x slower detection under load with spinning on (see README, Performance).
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if self.spin else "0")
+        sess = ort.InferenceSession(str(path), sess_options=opts, providers=self.providers)
+        return sess, {i.name: np.dtype(_ORT_TYPES.get(i.type, np.float32)) for i in sess.get_inputs()}
 
     def run(self, model: str, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        sess = self.session(model)
-        types = self._input_types[model]
+        sess, types = self._sessions.get(model)
         feed = {k: np.ascontiguousarray(v, dtype=types.get(k, v.dtype)) for k, v in inputs.items()}
         names = [o.name for o in sess.get_outputs()]
         try:

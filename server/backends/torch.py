@@ -11,13 +11,12 @@ Device: `auto` (the first CUDA GPU when torch sees one, else the CPU), `cpu`, `c
 """
 from __future__ import annotations
 
-import threading
 from pathlib import Path
 from typing import Mapping
 
 import numpy as np
 
-from server.backends.base import BackendError
+from server.backends.base import BackendError, ModelCache
 
 
 def resolve_device(device: str) -> str:
@@ -57,32 +56,20 @@ class TorchBackend:
         self.threads = threads  # CPU threads; torch has one process-wide pool, set again by run() if changed
         # cudnn.benchmark stays off: it tunes kernels anew for every input shape, and P-Net's pyramid
         # levels take a new shape for every image aspect ratio (and every model one per batch size)
-        self._graphs: dict = {}
-        self._lock = threading.Lock()
+        self._graphs = ModelCache(self.repository, self._load)
 
-    def graph(self, model: str):
-        graph = self._graphs.get(model)
-        if graph is not None:
-            return graph
-        with self._lock:
-            graph = self._graphs.get(model)
-            if graph is None:
-                import onnx
+    def _load(self, model: str, path: Path):
+        import onnx
 
-                from server.backends.onnx_torch import TorchGraph, UnsupportedModel
+        from server.backends.onnx_torch import TorchGraph, UnsupportedModel
 
-                path = self.repository / model / "1" / "model.onnx"
-                if not path.is_file():
-                    raise BackendError(f"model {model!r} not found at {path}; run `python -m server models build`")
-                try:
-                    graph = TorchGraph(onnx.load(str(path)), self.device, self.dtype)
-                except UnsupportedModel as exc:
-                    raise BackendError(f"{model}: {exc}") from exc
-                self._graphs[model] = graph
-        return graph
+        try:
+            return TorchGraph(onnx.load(str(path)), self.device, self.dtype)
+        except UnsupportedModel as exc:
+            raise BackendError(f"{model}: {exc}") from exc
 
     def run(self, model: str, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        graph = self.graph(model)
+        graph = self._graphs.get(model)
         torch = self.torch
         if self.threads and self.device.type == "cpu" and torch.get_num_threads() != self.threads:
             torch.set_num_threads(self.threads)
