@@ -193,7 +193,8 @@ class RawPipeline:
             dets = pipeline.detector.detect_batch(images)
             chips = []
             for im, det in zip(images, dets):
-                chips.append(pipeline.face_chips(im, det.boxes[det.probs > threshold]))
+                keep = det.probs > threshold
+                chips.append(pipeline.face_chips(im, det.boxes[keep], det.landmarks[keep]))
             pipeline.embed_chips(np.concatenate(chips))
 
         pipelines = self.layouts[(threads, streams)]

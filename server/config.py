@@ -35,7 +35,10 @@ class Settings:
     # torch backend: auto (a CUDA GPU when torch sees one, else the CPU) | cpu | cuda | cuda:N; float16 weights on a GPU
     torch_device: str = "auto"
     torch_half: bool = False
-    # detection (CompreFace's facenet build: det_prob_threshold 0.85, images <= 640 px)
+    # detection: yunet (one fixed-shape network, batched across requests: server/pipeline/yunet.py) |
+    # mtcnn (CompreFace's facenet build's detector, exactly as before: server/pipeline/detector.py).
+    # Images <= 640 px a side (CompreFace's rule); det_prob_threshold as CompreFace's (0.85)
+    detector: str = "yunet"
     det_prob_threshold: float = 0.85
     min_face_size: int = 20
     max_detect_side: int = 640
@@ -113,6 +116,9 @@ class Settings:
     batch_onet_size: int = 16
     batch_onet_delay_ms: float = 0.0
     batch_onet_capacity: int = 4096  # 48x48 crops
+    batch_yunet_size: int = 8  # letterboxed images of one canvas size
+    batch_yunet_delay_ms: float = 0.0
+    batch_yunet_capacity: int = 256
     batch_embedder_size: int = 8
     batch_embedder_delay_ms: float = 0.0
     batch_embedder_capacity: int = 256  # face chips

@@ -80,7 +80,9 @@ SKIPPED_WITHOUT_DETECTION: frozenset[str] = frozenset({"pose", "mask"})
 # Keys of CompreFace's PluginsVersionsDto; others are dropped by its Java layer.
 COMPREFACE_VERSION_KEYS: tuple[str, ...] = ("age", "gender", "detector", "calculator", "mask")
 
-DETECTOR_VERSION = "mtcnn.FaceDetector"
+# plugins_versions.detector per FR_DETECTOR (CompreFace's facenet build says "facenet.FaceDetector" for MTCNN)
+DETECTOR_VERSIONS: dict[str, str] = {"mtcnn": "mtcnn.FaceDetector", "yunet": "yunet.FaceDetector"}
+DETECTOR_VERSION = DETECTOR_VERSIONS["mtcnn"]
 BUILTIN_VERSIONS: dict[str, str] = {
     "calculator": "dlib.Calculator@resnet_v1",
     "landmarks": "mtcnn.LandmarksDetector",
@@ -370,7 +372,7 @@ class PluginRegistry:
         CompreFace's PluginsVersionsDto only has age, gender, detector, calculator and mask;
         pose and landmarks are added only with include_all=True.
         """
-        out = {"detector": DETECTOR_VERSION}
+        out = {"detector": DETECTOR_VERSIONS.get(self.settings.detector, DETECTOR_VERSION)}
         for plugin in selected:
             if self.available(plugin) and (include_all or plugin in COMPREFACE_VERSION_KEYS):
                 out[plugin] = self.states[plugin].version  # type: ignore[assignment]
