@@ -79,12 +79,12 @@ def test_versions_follow_compreface_dto(tmp_path):
     registry, _ = _registry(tmp_path)
     selected = ["calculator", "age", "pose", "landmarks", "mask"]
     assert registry.versions(selected) == {
-        "detector": "mtcnn.FaceDetector",
+        "detector": "yunet.FaceDetector",
         "calculator": "dlib.Calculator@resnet_v1",
     }
     full = registry.versions(selected, include_all=True)
     assert set(full) == {"detector", "calculator", "pose", "landmarks"}  # age/mask unavailable
-    assert registry.versions([]) == {"detector": "mtcnn.FaceDetector"}
+    assert registry.versions([]) == {"detector": "yunet.FaceDetector"}
 
 
 def test_run_leaves_out_unavailable_plugins(tmp_path):
@@ -364,7 +364,7 @@ def test_slots_run_installed_models(tmp_path):
     for p in ("age", "gender", "mask"):
         assert status[p]["available"] is True, status[p]
     assert registry.versions(["calculator", "age", "gender", "mask", "pose"]) == {
-        "detector": "mtcnn.FaceDetector",
+        "detector": "yunet.FaceDetector",
         "calculator": "dlib.Calculator@resnet_v1",
         "age": "onnx.AgeDetector",
         "gender": "onnx.GenderDetector",

@@ -187,7 +187,7 @@ def create_detector(settings: Settings, backend: Backend):
         return MtcnnDetector(backend, min_face_size=settings.min_face_size, max_side=settings.max_detect_side)
     from server.pipeline.yunet import YunetDetector
 
-    return YunetDetector(backend, max_side=settings.max_detect_side)
+    return YunetDetector(backend, max_side=settings.max_detect_side, max_upscale=settings.detect_max_upscale)
 
 
 def _passes(det: "Detections", threshold: float) -> bool:
