@@ -437,16 +437,19 @@ def _faces_equal(a, b, atol: float) -> None:
         np.testing.assert_allclose(fa.embedding, fb.embedding, rtol=0, atol=atol)
 
 
-def test_pipeline_through_batcher_matches_direct(model_dir, backend, pipeline):
+@pytest.mark.parametrize("detector", ["yunet", "mtcnn"])
+def test_pipeline_through_batcher_matches_direct(model_dir, backend, detector):
     from skimage.data import astronaut
 
     from server.pipeline import FacePipeline
 
     image = astronaut()
+    pipeline = FacePipeline.from_settings(Settings(model_dir=model_dir, detector=detector), backend=backend)
     expected = pipeline.faces(image)
     metrics = Metrics()
-    # a window long enough that the concurrent requests below surely meet in P-Net and the embedder
-    settings = Settings(model_dir=model_dir, batch_pnet_delay_ms=100, batch_embedder_delay_ms=300)
+    # a window long enough that the concurrent requests below surely meet in the detector and the embedder
+    settings = Settings(model_dir=model_dir, detector=detector, batch_pnet_delay_ms=100, batch_yunet_delay_ms=100,
+                        batch_embedder_delay_ms=300)
     batcher = MicroBatcher(backend, policies_from_settings(settings), metrics=metrics, owns_inner=False)
     batched = FacePipeline.from_settings(settings, backend=batcher)
     _faces_equal(batched.faces(image), expected, atol=0.0)  # alone: the very same model calls
@@ -468,6 +471,7 @@ def test_pipeline_through_batcher_matches_direct(model_dir, backend, pipeline):
         # batched with other requests: the same faces, float noise at most
         _faces_equal(results[k], expected_flipped if k % 2 else expected, atol=1e-4)
     assert batcher.stats("face_embedder")["rows"] == 5
-    # same-size pyramid levels of concurrent requests share P-Net calls
-    assert batcher.stats("face_detector_pnet")["mean_batch"] > 1.0
+    # same-size pyramid levels (MTCNN) / same-canvas images (YuNet) of concurrent requests share calls
+    first = "face_detector_pnet" if detector == "mtcnn" else "face_detector_yunet"
+    assert batcher.stats(first)["mean_batch"] > 1.0
     assert batcher.stats("face_embedder")["batches"] < 5

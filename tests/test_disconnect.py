@@ -1,7 +1,7 @@
 """A client that disconnects stops costing inference: its queued batcher work is withdrawn, and a
 wait for an inference slot is abandoned.
 
-The server holds P-Net batches for a long queue delay, so a request's first model call sits in
+The server holds detector (YuNet) batches for a long queue delay, so a request's first model call sits in
 the batcher's queue for seconds; the client sends a whole recognize request over a raw socket and
 closes it while that call waits. Real server (uvicorn on an ephemeral port), real models.
 """
@@ -17,14 +17,14 @@ from prometheus_client.parser import text_string_to_metric_families
 from tests.api_server import astronaut, encode, live_server
 from tests.pg_cluster import wait_until
 
-HOLD_MS = 6000.0  # P-Net queue delay: far longer than the test waits for a cancellation
-PNET = "face_detector_pnet"
+HOLD_MS = 6000.0  # detector queue delay: far longer than the test waits for a cancellation
+PNET = "face_detector_yunet"  # the default detector's one model call (held below)
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, model_dir):
-    srv = live_server(tmp_path_factory.mktemp("disconnect"), model_dir, batch_pnet_delay_ms=HOLD_MS,
-                      batch_pnet_size=512, max_inflight_inference=1, max_waiting_inference=4)
+    srv = live_server(tmp_path_factory.mktemp("disconnect"), model_dir, batch_yunet_delay_ms=HOLD_MS,
+                      batch_yunet_size=512, detector="yunet", max_inflight_inference=1, max_waiting_inference=4)
     with srv:
         yield srv
 
@@ -62,7 +62,7 @@ def test_disconnect_withdraws_queued_work_and_slot_waits(server, caplog):
     limiter = server.state.inference_limiter
     cancelled_before = metric(server, "facerec_batch_cancelled_total", model=PNET)
 
-    running = open_request(server, key)  # takes the only inference slot; its P-Net call is held
+    running = open_request(server, key)  # takes the only inference slot; its detector call is held
     wait_for(lambda: limiter.statistics().borrowed_tokens == 1, 5)
     waiting = open_request(server, key)  # waits for the slot
     wait_for(lambda: limiter.statistics().tasks_waiting == 1, 5)
@@ -71,7 +71,7 @@ def test_disconnect_withdraws_queued_work_and_slot_waits(server, caplog):
     wait_for(lambda: limiter.statistics().tasks_waiting == 0, 2)
     assert limiter.statistics().borrowed_tokens == 1
 
-    running.close()  # gone while its P-Net call is queued: withdrawn long before the queue delay
+    running.close()  # gone while its detector call is queued: withdrawn long before the queue delay
     took = wait_for(lambda: limiter.statistics().borrowed_tokens == 0, 2)
     assert took < HOLD_MS / 1000 / 2
     assert metric(server, "facerec_batch_cancelled_total", model=PNET) == cancelled_before + 1
