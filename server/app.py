@@ -149,7 +149,7 @@ def _load_models(state: AppState) -> None:
         backend = create_batcher(create_backend(settings), settings, state.metrics)
         state.backend = backend
         pipeline = FacePipeline.from_settings(settings, backend=backend)
-        plugins = PluginRegistry(settings, backend)
+        plugins = PluginRegistry(settings, backend, shape_predictor=pipeline.shape_predictor)
         state.service.pipeline, state.service.plugins = pipeline, plugins
         state.pipeline, state.plugins = pipeline, plugins
     except Exception as exc:  # noqa: BLE001 - reported by /ready and the log; liveness stays up
