@@ -375,3 +375,109 @@ def test_gender_accuracy_on_the_dev_photos(registry, pipeline, facedata):
     assert report["accuracy"] >= GENDER_ACCURACY_TARGET, report["errors"]
     # both classes are recognised, not one answer for everyone
     assert sum(r["predicted"] == "female" for r in females) / len(females) >= 0.9
+
+
+# ------------------------------------------------------------------------------ the API
+R, D, V = "/api/v1/recognition", "/api/v1/detection", "/api/v1/verification"
+TIME_KEYS = {"age", "gender", "pose", "detector", "calculator", "mask"}
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, installed):
+    from tests.api_server import live_server
+
+    with live_server(tmp_path_factory.mktemp("ag-data"), installed) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def http(server):
+    with server.client() as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def astronaut_jpg() -> bytes:
+    from tests.api_server import astronaut, encode
+
+    return encode(astronaut(), "JPEG", quality=95)  # Eileen Collins
+
+
+def _assert_age_gender(face: dict, gender: str | None = None) -> None:
+    age, sex = face["age"], face["gender"]
+    assert list(age) == ["probability", "high", "low"] and list(sex) == ["probability", "value"]
+    assert (age["low"], age["high"]) in COMPREFACE_AGE_RANGES
+    assert isinstance(age["probability"], float) and 0.0 < age["probability"] <= 1.0
+    assert sex["value"] in ("female", "male") and isinstance(sex["probability"], float)
+    assert 0.5 <= sex["probability"] <= 1.0
+    if gender:
+        assert sex["value"] == gender
+
+
+def _assert_status(body: dict, face: dict) -> None:
+    versions = body["plugins_versions"]
+    assert versions["age"] == "dlib.AgeDetector@dnn_age_predictor_v1"
+    assert versions["gender"] == "dlib.GenderDetector@dnn_gender_classifier_v1"
+    times = face["execution_time"]
+    assert {"age", "gender"} <= set(times) <= TIME_KEYS
+    assert all(isinstance(times[k], float) and times[k] > 0 for k in ("age", "gender"))
+
+
+def test_ready_lists_the_plugins(http):
+    plugins = http.get("/ready").json()["plugins"]
+    assert plugins["age"]["available"] and plugins["gender"]["available"]
+    assert plugins["mask"]["available"] is False and "no model installed" in plugins["mask"]["reason"]
+
+
+def test_detect_with_age_and_gender(http, server, astronaut_jpg):
+    h = {"x-api-key": server.create_key("detection")}
+    body = http.post(D + "/detect", files={"file": ("a.jpg", astronaut_jpg)},
+                     params={"face_plugins": "age,gender", "status": "true"}, headers=h).json()
+    (face,) = body["result"]
+    _assert_age_gender(face, "female")
+    _assert_status(body, face)
+    assert "embedding" not in face and "calculator" not in body["plugins_versions"]
+    # not asked: absent; without status: no versions, no times
+    plain = http.post(D + "/detect", files={"file": ("a.jpg", astronaut_jpg)}, headers=h).json()
+    assert "age" not in plain["result"][0] and "gender" not in plain["result"][0]
+    only = http.post(D + "/detect", files={"file": ("a.jpg", astronaut_jpg)}, params={"face_plugins": "gender"},
+                     headers=h).json()
+    assert "plugins_versions" not in only and "execution_time" not in only["result"][0]
+    assert "age" not in only["result"][0] and only["result"][0]["gender"] == face["gender"]
+
+
+def test_recognize_with_age_and_gender(http, server, astronaut_jpg):
+    key = server.create_key("recognition")
+    h = {"x-api-key": key}
+    r = http.post(R + "/faces", params={"subject": "Eileen"}, files={"file": ("a.jpg", astronaut_jpg)}, headers=h)
+    assert r.status_code == 201, r.text
+    body = http.post(R + "/recognize", files={"file": ("a.jpg", astronaut_jpg)},
+                     params={"face_plugins": "gender age", "status": "true"}, headers=h).json()
+    (face,) = body["result"]
+    _assert_age_gender(face, "female")
+    _assert_status(body, face)
+    assert face["subjects"][0]["subject"] == "Eileen"
+    # detect_faces=false: the whole image is the face; age and gender still run (CompreFace skips only pose, mask)
+    whole = http.post(R + "/recognize", files={"file": ("a.jpg", astronaut_jpg)},
+                      params={"face_plugins": "age,gender,mask", "detect_faces": "false", "status": "true"},
+                      headers=h).json()["result"][0]
+    _assert_age_gender(whole)
+    assert "mask" not in whole
+    # face verification against the stored example
+    image_id = r.json()["image_id"]
+    ver = http.post(f"{R}/faces/{image_id}/verify", files={"file": ("a.jpg", astronaut_jpg)},
+                    params={"face_plugins": "age,gender", "status": "true"}, headers=h).json()
+    _assert_age_gender(ver["result"][0], "female")
+    _assert_status(ver, ver["result"][0])
+
+
+def test_verification_service_with_age_and_gender(http, server, astronaut_jpg, facedata):
+    h = {"x-api-key": server.create_key("verification")}
+    man = (facedata / "face_recognition/examples/biden.jpg").read_bytes()
+    body = http.post(V + "/verify", files={"source_image": ("s.jpg", astronaut_jpg), "target_image": ("t.jpg", man)},
+                     params={"face_plugins": "age,gender", "status": "true"}, headers=h).json()
+    (item,) = body["result"]
+    _assert_age_gender(item["source_image_face"], "female")
+    _assert_age_gender(item["face_matches"][0], "male")
+    versions = item["plugins_versions"]
+    assert versions["age"].startswith("dlib.AgeDetector") and versions["gender"].startswith("dlib.GenderDetector")
