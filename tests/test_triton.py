@@ -469,12 +469,12 @@ def test_empty_batch_and_writable_outputs(triton, reference):
 def test_missing_model_and_bad_input_are_clear_errors(triton):
     from server.backends.triton import CORE_MODELS
 
-    with pytest.raises(BackendError, match=r"models not ready: face_age \(not in the repository\)"):
-        _backend(triton, "grpc", models=(*CORE_MODELS, "face_age"))
+    with pytest.raises(BackendError, match=r"models not ready: face_mask \(not in the repository\)"):
+        _backend(triton, "grpc", models=(*CORE_MODELS, "face_mask"))
     backend = _backend(triton, "grpc")
     try:
-        with pytest.raises(BackendError, match="face_age"):
-            backend.run("face_age", {"image": np.zeros((1, 4), np.float32)})
+        with pytest.raises(BackendError, match="face_mask"):
+            backend.run("face_mask", {"image": np.zeros((1, 4), np.float32)})
         with pytest.raises(BackendError, match="missing inputs"):
             backend.run("face_embedder", {"image": np.zeros((1, 150, 150, 3), np.uint8)})
         with pytest.raises(BackendError, match="face_embedder"):  # the server rejects the shape
