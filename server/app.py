@@ -149,6 +149,8 @@ def _load_models(state: AppState) -> None:
         backend = create_batcher(create_backend(settings), settings, state.metrics)
         state.backend = backend
         pipeline = FacePipeline.from_settings(settings, backend=backend)
+        if state.metrics is not None:
+            state.metrics.set_detector(pipeline.detector_name)
         plugins = PluginRegistry(settings, backend, shape_predictor=pipeline.shape_predictor)
         state.service.pipeline, state.service.plugins = pipeline, plugins
         state.pipeline, state.plugins = pipeline, plugins

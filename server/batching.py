@@ -649,6 +649,7 @@ STAGES = {
     "face_detector_pnet": "pnet",
     "face_detector_rnet": "rnet",
     "face_detector_onet": "onet",
+    "face_detector_yunet": "yunet",
     "face_embedder": "embedder",
 }
 

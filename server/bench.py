@@ -173,7 +173,7 @@ def calibrate(dist_norm: np.ndarray, same: np.ndarray) -> tuple[float, float]:
     # similarity s = (tanh((c0-d)c1)+1)/2 = sigmoid(2 c1 (c0-d)): fit the slope by 1-D maximum likelihood
     x = c0 - dist_norm
     best_ll, c1 = -math.inf, 1.0
-    for cand in np.linspace(0.5, 30, 400):
+    for cand in np.linspace(0.5, 80, 1060):
         p = np.clip(1 / (1 + np.exp(-2 * cand * x)), 1e-9, 1 - 1e-9)
         ll = float(np.sum(same * np.log(p) + (1 - same) * np.log(1 - p)))
         if ll > best_ll:
@@ -195,7 +195,8 @@ def bench_verification(pipeline, facedata: Path, settings: Settings) -> dict:
     nb = b / np.linalg.norm(b, axis=1, keepdims=True)
     norm = np.linalg.norm(na - nb, axis=1)
     c0, c1 = calibrate(norm, same)
-    sim_default = (np.tanh((settings.similarity_c0 - norm) * settings.similarity_c1) + 1) / 2
+    s0, s1 = settings.similarity_coefficients()
+    sim_default = (np.tanh((s0 - norm) * s1) + 1) / 2
     groups: dict[str, list[int]] = defaultdict(list)
     for i, r in enumerate(rows):
         groups["ALL"].append(i)
@@ -217,7 +218,7 @@ def bench_verification(pipeline, facedata: Path, settings: Settings) -> dict:
     return {"pairs": len(rows), "images": len(names), "seconds": elapsed,
             "face_source": {k: sum(v == k for v in how.values()) for k in sorted(set(how.values()))},
             "whole_image_fallback": sorted(k for k, v in how.items() if v == "whole"),
-            "calibrated_c0_c1": [c0, c1], "settings_c0_c1": [settings.similarity_c0, settings.similarity_c1],
+            "calibrated_c0_c1": [c0, c1], "settings_c0_c1": [s0, s1],
             "groups": table}
 
 
@@ -284,6 +285,78 @@ def bench_detection(pipeline, facedata: Path, threshold: float) -> dict:
     }
 
 
+# ---------------------------------------------------------------- YuNet calibration
+
+
+def isotonic(y: np.ndarray, w: np.ndarray | None = None) -> np.ndarray:
+    """Pool-adjacent-violators: the non-decreasing sequence closest to y (weighted least squares)."""
+    y = np.asarray(y, np.float64)
+    w = np.ones_like(y) if w is None else np.asarray(w, np.float64)
+    vals, weights, counts = [], [], []
+    for yi, wi in zip(y, w):
+        vals.append(yi), weights.append(wi), counts.append(1)
+        while len(vals) > 1 and vals[-2] > vals[-1]:
+            v, wt, c = vals.pop(), weights.pop(), counts.pop()
+            vals[-1] = (vals[-1] * weights[-1] + v * wt) / (weights[-1] + wt)
+            weights[-1] += wt
+            counts[-1] += c
+    return np.repeat(vals, counts)
+
+
+def labelled_detections(detector, facedata: Path, iou_thr: float = 0.4) -> tuple[np.ndarray, np.ndarray]:
+    """Raw scores of every detection on the dev ground truth, and whether each is a face (1/0).
+
+    Images with boxes: greedy matching at IoU >= iou_thr. Images without faces: every detection is
+    false. Images known to hold n faces but without boxes: the n highest-scoring detections count as
+    faces, the rest as false (the true faces nearly always score highest)."""
+    from server.imaging import decode_image
+
+    gt = json.loads((facedata / "detection_gt.json").read_text())
+    scores, labels = [], []
+    for name, info in sorted(gt.items()):
+        count = info.get("face_count")
+        if count is None:
+            continue
+        boxes, raw = detector.raw_scores(decode_image((facedata / name).read_bytes()))
+        if len(raw) == 0:
+            continue
+        lab = np.zeros(len(raw), np.int64)
+        if info.get("boxes"):
+            m = iou(np.array(info["boxes"], float).reshape(-1, 4), boxes.astype(float))
+            while m.size and m.max() >= iou_thr:
+                i, j = np.unravel_index(np.argmax(m), m.shape)
+                lab[j] = 1
+                m[i, :], m[:, j] = -1, -1
+        elif count > 0:
+            lab[np.argsort(-raw, kind="stable")[:count]] = 1
+        scores.append(raw), labels.append(lab)
+    return np.concatenate(scores), np.concatenate(labels)
+
+
+def calibrate_yunet(detector, facedata: Path, knots=None) -> dict:
+    """Isotonic fit of P(face | raw score) on the dev ground truth, read at fixed score knots."""
+    from server.pipeline.yunet import CALIBRATION_SCORES
+
+    scores, labels = labelled_detections(detector, facedata)
+    order = np.argsort(scores, kind="stable")
+    fit = isotonic(labels[order].astype(float))
+    knots = np.asarray(knots if knots is not None else CALIBRATION_SCORES, float)
+    sorted_scores = scores[order]
+    probs = []
+    for k in knots:  # the fitted precision of the detections nearest each knot
+        near = np.argsort(np.abs(sorted_scores - k))[:25]
+        probs.append(float(np.clip(np.median(fit[near]), 0.0, 1.0)))
+    probs = np.maximum.accumulate(probs)
+    rows = []
+    for lo, hi in zip(knots[:-1], knots[1:]):
+        sel = (scores >= lo) & (scores < hi if hi < 1 else scores <= hi)
+        rows.append({"score_from": float(lo), "score_to": float(hi), "detections": int(sel.sum()),
+                     "faces": int(labels[sel].sum()),
+                     "precision": float(labels[sel].mean()) if sel.any() else float("nan")})
+    return {"detections": int(len(scores)), "faces": int(labels.sum()), "knots": knots.tolist(),
+            "probabilities": [round(float(p), 4) for p in probs], "bins": rows}
+
+
 # ---------------------------------------------------------------- report
 
 
@@ -305,7 +378,7 @@ def run_pipeline_bench(args: argparse.Namespace) -> dict:
     from server.pipeline import FacePipeline
 
     settings = Settings.from_env(model_dir=args.model_dir, backend=args.backend, torch_device=args.device,
-                                 inference_threads=args.threads, batching=False)
+                                 inference_threads=args.threads, batching=False, detector=args.detector)
     ensure_built(settings.model_dir)
     backend = create_backend(settings)
     pipeline = FacePipeline.from_settings(settings, backend=backend)
@@ -332,9 +405,26 @@ def run_pipeline_bench(args: argparse.Namespace) -> dict:
                                    "best_thr_raw": ".3f", "auc": ".5f"}))
         print(f"\ncalibrated similarity coefficients on dev pairs: c0={v['calibrated_c0_c1'][0]:.6f} "
               f"c1={v['calibrated_c0_c1'][1]:.6f} (settings use {v['settings_c0_c1']})\n")
-        d = bench_detection(pipeline, facedata, settings.det_prob_threshold)
+        d = bench_detection(pipeline, facedata, settings.face_threshold())
         report["detection"] = d
         print("## detection on detection_gt.json\n" + _table([d]) + "\n")
+    return report
+
+
+def run_calibration(args: argparse.Namespace) -> dict:
+    from server.backends import create_backend
+    from server.models.repository import ensure_built
+    from server.pipeline.yunet import YunetDetector
+
+    settings = Settings.from_env(model_dir=args.model_dir, batching=False)
+    ensure_built(settings.model_dir)
+    detector = YunetDetector(create_backend(settings), max_side=settings.max_detect_side, max_upscale=settings.detect_max_upscale)
+    report = calibrate_yunet(detector, Path(args.facedata))
+    print(f"# YuNet score calibration on {args.facedata}/detection_gt.json: {report['detections']} detections, "
+          f"{report['faces']} of them faces\n")
+    print(_table(report["bins"], {"precision": ".3f"}) + "\n")
+    print("CALIBRATION_SCORES = " + repr(tuple(report["knots"])))
+    print("CALIBRATION_PROBS = " + repr(tuple(report["probabilities"])))
     return report
 
 
@@ -356,9 +446,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="auto", help="torch backend: auto | cpu | cuda | cuda:N")
     p.add_argument("--batches", default="1,8,32,64", help="embedder batch sizes (e.g. 64,128,256,512 on a GPU)")
     p.add_argument("--skip-accuracy", action="store_true")
+    p.add_argument("--detector", default=None, choices=["yunet", "mtcnn"], help="default: FR_DETECTOR or yunet")
     p.add_argument("--out", help="also write the report as JSON")
+    c = sub.add_parser("yunet-calibration",
+                       help="YuNet raw score -> measured precision on the dev ground truth (CALIBRATION_PROBS)")
+    c.add_argument("--facedata", default=str(DEFAULT_FACEDATA))
+    c.add_argument("--model-dir", default=None)
+    c.add_argument("--out", help="also write the report as JSON")
     args = parser.parse_args(argv)
-    report = run_pipeline_bench(args)
+    if args.what == "yunet-calibration":
+        report = run_calibration(args)
+    else:
+        report = run_pipeline_bench(args)
     if args.out:
         Path(args.out).write_text(json.dumps(report, indent=2, default=float))
     return 0

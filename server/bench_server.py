@@ -159,7 +159,7 @@ class RawPipeline:
     core, and one stream per core on single-threaded sessions (as the server's model instances
     run)."""
 
-    def __init__(self, settings: Settings, jpeg: bytes) -> None:
+    def __init__(self, settings: Settings, jpeg: bytes, layouts: tuple[tuple[int, int], ...] | None = None) -> None:
         from server.backends import create_backend
         from server.config import usable_cores
         from server.pipeline import FacePipeline
@@ -167,7 +167,7 @@ class RawPipeline:
         cores = usable_cores()
         self.settings, self.jpeg = settings, jpeg
         self.layouts: dict[tuple[int, int], list] = {}  # (threads, streams) -> one pipeline per stream
-        for threads, streams in ((cores, 1), (1, cores)):
+        for threads, streams in layouts or ((cores, 1), (1, cores)):
             s = settings.with_(inference_threads=threads, batching=False)
             self.layouts[(threads, streams)] = [FacePipeline.from_settings(s, backend=create_backend(s))
                                                 for _ in range(streams)]
@@ -186,14 +186,15 @@ class RawPipeline:
 
         from server.imaging import decode_image
 
-        threshold = self.settings.det_prob_threshold
+        threshold = self.settings.face_threshold()
 
         def once(pipeline) -> None:
             images = [decode_image(self.jpeg) for _ in range(batch)]
             dets = pipeline.detector.detect_batch(images)
             chips = []
             for im, det in zip(images, dets):
-                chips.append(pipeline.face_chips(im, det.boxes[det.probs > threshold]))
+                keep = det.probs > threshold
+                chips.append(pipeline.face_chips(im, det.boxes[keep], det.landmarks[keep]))
             pipeline.embed_chips(np.concatenate(chips))
 
         pipelines = self.layouts[(threads, streams)]
@@ -230,6 +231,77 @@ def level_ratios(rows: list[dict]) -> dict[int, dict]:
     return {n: {"rounds": len(v), **{k: statistics.median(x[k] for x in v) for k in v[0]}} for n, v in per.items()}
 
 
+def compare_detectors(args: argparse.Namespace, env_extra: dict[str, str]) -> dict:
+    """The detector issue's figures: two servers, FR_DETECTOR=yunet and FR_DETECTOR=mtcnn, loaded in
+    turn at each client count (their order alternating by round), and the raw in-process pipeline's
+    per-image time with each detector (one stream, one image at a time) for the 1-client latency."""
+    from loadtests.server import LocalServer, create_key_admin
+
+    jpeg = sample_jpeg()
+    detectors = ("yunet", "mtcnn")
+    tmp = Path(tempfile.mkdtemp(prefix="bench-detectors-"))
+    report: dict = {"env": env_extra, "raw_ms": {}, "levels": []}
+    base_settings = Settings.from_env()
+    for name in detectors:  # single-image latency of the raw pipeline, 1 thread per session as the server
+        raw = RawPipeline(base_settings.with_(detector=name), jpeg, layouts=((1, 1),))
+        report["raw_ms"][name] = 1000.0 / raw.measure(1, 1, 1, args.seconds / 2)
+    servers = {name: LocalServer(tmp / name, admin_token=ADMIN, env={**env_extra, "FR_DETECTOR": name})
+               for name in detectors}
+    keys = {}
+    try:
+        for name, srv in servers.items():
+            srv.start()
+            keys[name] = create_key_admin(srv.base_url, ADMIN, "recognition", "bench")
+            with httpx.Client(base_url=srv.base_url, timeout=10) as c:
+                c.post("/api/v1/recognition/faces", params={"subject": "astronaut"}, headers={"x-api-key": keys[name]},
+                       files={"file": ("a.jpg", jpeg, "image/jpeg")}).raise_for_status()
+            asyncio.run(load(srv.base_url, keys[name], jpeg, 2, 3, args.client))  # warm-up
+        for rnd in range(args.repeat):
+            for n in (int(x) for x in args.clients.split(",")):
+                order = detectors if rnd % 2 == 0 else detectors[::-1]
+                row: dict = {"round": rnd, "clients": n}
+                for name in order:
+                    srv = servers[name]
+                    with httpx.Client(base_url=srv.base_url, timeout=10) as c:
+                        before = batch_means(c.get("/metrics").text)
+                        got = asyncio.run(load(srv.base_url, keys[name], jpeg, n, args.seconds, args.client))
+                        after = batch_means(c.get("/metrics").text)
+                    row[f"{name}_req_per_s"] = got["req_per_s"]
+                    row[f"{name}_p50_ms"] = got["p50_ms"]
+                    row[f"{name}_p99_ms"] = got["p99_ms"]
+                    det_model = "face_detector_yunet" if name == "yunet" else "face_detector_pnet"
+                    s0, c0 = before.get(det_model, (0.0, 0.0))
+                    s1, c1 = after.get(det_model, (0.0, 0.0))
+                    row[f"{name}_det_batch"] = (s1 - s0) / (c1 - c0) if c1 > c0 else 0.0
+                row["ratio"] = row["yunet_req_per_s"] / max(row["mtcnn_req_per_s"], 1e-9)
+                report["levels"].append(row)
+                print(f"  round {rnd + 1}, {n} clients: yunet {row['yunet_req_per_s']:.1f} req/s, mtcnn "
+                      f"{row['mtcnn_req_per_s']:.1f} req/s, ratio {row['ratio']:.2f}", flush=True)
+    finally:
+        for srv in servers.values():
+            srv.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+    print("\n# recognize, 1-face 640x480 JPEG, one server per detector, taking turns\n")
+    print(_table(report["levels"], {k: ".1f" for k in report["levels"][0] if k.endswith(("_s", "_ms"))}
+                 | {"ratio": ".2f", "yunet_det_batch": ".2f", "mtcnn_det_batch": ".2f"}))
+    summary = []
+    for n in sorted({r["clients"] for r in report["levels"]}):
+        rows = [r for r in report["levels"] if r["clients"] == n]
+        summary.append({"clients": n, "rounds": len(rows),
+                        "yunet_req_per_s": statistics.median(r["yunet_req_per_s"] for r in rows),
+                        "mtcnn_req_per_s": statistics.median(r["mtcnn_req_per_s"] for r in rows),
+                        "ratio": statistics.median(r["ratio"] for r in rows),
+                        "yunet_p50_ms": statistics.median(r["yunet_p50_ms"] for r in rows),
+                        "mtcnn_p50_ms": statistics.median(r["mtcnn_p50_ms"] for r in rows)})
+    report["summary"] = summary
+    print("\n## medians over rounds (ratio taken within each round)\n")
+    print(_table(summary, {"yunet_req_per_s": ".1f", "mtcnn_req_per_s": ".1f", "ratio": ".2f",
+                           "yunet_p50_ms": ".1f", "mtcnn_p50_ms": ".1f"}))
+    print(f"\nraw in-process pipeline, one image at a time (1 thread): "
+          + ", ".join(f"{k} {v:.1f} ms" for k, v in report["raw_ms"].items()))
+    return report
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m server.bench_server")
     parser.add_argument("--clients", default="1,8,32,64")
@@ -240,11 +312,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--client", default="lean", choices=["lean", "httpx"],
                         help="load generator: pre-encoded requests on raw asyncio sockets (default) or httpx")
     parser.add_argument("--env", action="append", default=[], help="NAME=VALUE for the server (e.g. FR_BATCHING=0)")
+    parser.add_argument("--compare-detectors", action="store_true",
+                        help="FR_DETECTOR=yunet against FR_DETECTOR=mtcnn, taking turns (onnxruntime)")
     parser.add_argument("--out", help="also write the report as JSON")
     args = parser.parse_args(argv)
     settings = Settings.from_env()
     jpeg = sample_jpeg()
     env_extra = dict(e.split("=", 1) for e in args.env)
+    if args.compare_detectors:
+        sys.path.insert(0, str(ROOT))  # the repo's load-test helpers
+        report = compare_detectors(args, env_extra)
+        if args.out:
+            Path(args.out).write_text(json.dumps(report, indent=2))
+        return 0
     if args.backend == "torch":
         env_extra["FR_BACKEND"] = "torch"
         settings = settings.with_(backend="torch")

@@ -6,6 +6,14 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 _PROJECT_ROOT = Path(__file__).resolve().parent.parent
+MTCNN_DET_PROB_THRESHOLD = 0.85  # CompreFace's default
+# YuNet's default by measurement on the dev detection ground truth (python -m server.bench pipeline):
+# at 0.95, recall at IoU 0.4 is 0.79 (MTCNN at 0.85: 0.60) with precision 0.90; below it precision
+# falls (0.85: 0.84) for no recall, above it recall falls (0.97: 0.67)
+YUNET_DET_PROB_THRESHOLD = 0.95
+# similarity = (tanh((c0 - d) * c1) + 1) / 2, fitted per detector on the dev pairs (python -m server.bench
+# pipeline --detector D): the descriptors depend on the alignment, which starts from the detector's output
+SIMILARITY_COEFFICIENTS = {"mtcnn": (0.415011, 24.676692), "yunet": (0.408071, 36.083569)}
 
 @dataclass(frozen=True)
 class Settings:
@@ -35,8 +43,16 @@ class Settings:
     # torch backend: auto (a CUDA GPU when torch sees one, else the CPU) | cpu | cuda | cuda:N; float16 weights on a GPU
     torch_device: str = "auto"
     torch_half: bool = False
-    # detection (CompreFace's facenet build: det_prob_threshold 0.85, images <= 640 px)
-    det_prob_threshold: float = 0.85
+    # detection: yunet (one fixed-shape network, batched across requests: server/pipeline/yunet.py) |
+    # mtcnn (CompreFace's facenet build's detector, exactly as before: server/pipeline/detector.py).
+    # Images <= 640 px a side (CompreFace's rule). det_prob_threshold when a request gives none: unset
+    # (None), the detector's own default: CompreFace's 0.85 for MTCNN; for YuNet, whose probability is
+    # the precision measured on the dev set at that score, YUNET_DET_PROB_THRESHOLD (see below)
+    detector: str = "yunet"
+    # YuNet: images smaller than max_detect_side are enlarged up to this factor (tiny faces become
+    # detectable: dev-set recall 0.63 -> 0.79 at 2x); 1 keeps them at their size
+    detect_max_upscale: float = 2.0
+    det_prob_threshold: float | None = None
     min_face_size: int = 20
     max_detect_side: int = 640
     # no face found: detect once more with this much black border (x the longest side) around the
@@ -65,9 +81,10 @@ class Settings:
     seed_demo_keys: bool = False
     # similarity = (tanh((c0 - d) * c1) + 1) / 2 on L2-normalised descriptors, calibrated for our
     # embedder on ../shared/facedata/dev pairs by `python -m server.bench pipeline`: c0 is the
-    # equal-error distance (similarity 0.5 there), c1 the slope of a logistic fit (README, Similarity)
-    similarity_c0: float = 0.415011
-    similarity_c1: float = 24.676692
+    # equal-error distance (similarity 0.5 there), c1 the slope of a logistic fit (README, Similarity).
+    # Unset (None): the coefficients fitted for the detector's alignment (SIMILARITY_COEFFICIENTS)
+    similarity_c0: float | None = None
+    similarity_c1: float | None = None
     # index
     # Measured with `python -m server.bench_index` (2-core box, see its report): exact numpy search
     # stays under ~0.2 ms up to 10k faces, so collections that small are searched exactly. M=20
@@ -121,9 +138,24 @@ class Settings:
     batch_onet_size: int = 16
     batch_onet_delay_ms: float = 0.0
     batch_onet_capacity: int = 4096  # 48x48 crops
+    batch_yunet_size: int = 8  # letterboxed images of one canvas size
+    batch_yunet_delay_ms: float = 0.0
+    batch_yunet_capacity: int = 256
     batch_embedder_size: int = 8
     batch_embedder_delay_ms: float = 0.0
     batch_embedder_capacity: int = 256  # face chips
+
+    def similarity_coefficients(self) -> tuple[float, float]:
+        """(c0, c1): the configured ones, else those fitted on the dev pairs with this detector."""
+        c0, c1 = SIMILARITY_COEFFICIENTS["mtcnn" if self.detector == "mtcnn" else "yunet"]
+        return (c0 if self.similarity_c0 is None else self.similarity_c0,
+                c1 if self.similarity_c1 is None else self.similarity_c1)
+
+    def face_threshold(self) -> float:
+        """det_prob_threshold, or the detector's default when it is unset."""
+        if self.det_prob_threshold is not None:
+            return self.det_prob_threshold
+        return MTCNN_DET_PROB_THRESHOLD if self.detector == "mtcnn" else YUNET_DET_PROB_THRESHOLD
 
     @classmethod
     def from_env(cls, **overrides) -> "Settings":

@@ -259,7 +259,7 @@ def import_source(settings: Settings, key: str, source: Path, *, workers: int, b
             raise StorageError(f"{key} is not a recognition API key of {settings.data_dir}")
         pipeline, backend = open_pipeline(settings)
         try:
-            threshold = settings.det_prob_threshold if det_prob_threshold is None else det_prob_threshold
+            threshold = settings.face_threshold() if det_prob_threshold is None else det_prob_threshold
             importer = Importer(storage, pipeline, api_key.collection, workers=workers, batch=batch,
                                 det_prob_threshold=threshold, max_file_size=settings.max_file_size)
             bar = _progress_bar(len(items)) if show_progress else None
@@ -378,7 +378,7 @@ def compare(source: Path, limit: int, workers: int, model_dir: Path | None = Non
         try:
             collection = storage.find_key(import_key).collection
             importer = Importer(storage, pipeline, collection, workers=workers,
-                                det_prob_threshold=settings.det_prob_threshold, max_file_size=settings.max_file_size)
+                                det_prob_threshold=settings.face_threshold(), max_file_size=settings.max_file_size)
             report = importer.run(items)
         finally:
             backend.close()

@@ -13,7 +13,8 @@ Series (prefix `facerec_`):
   (calls whose deadline passed before their inference finished), `batch_cancelled_total`,
   `inference_errors_total` (failed inference calls);
 - per endpoint: `http_request_duration_seconds` (histogram; labels `method`, `route` = the
-  route template such as `/api/v1/recognition/faces/{image_id}`, `status`).
+  route template such as `/api/v1/recognition/faces/{image_id}`, `status`);
+- `detector_info` (gauge, label `detector`: yunet | mtcnn, value 1): the face detector serving.
 """
 from __future__ import annotations
 
@@ -69,6 +70,14 @@ class Metrics:
             "http_request_duration_seconds", "HTTP request latency by route template",
             ["method", "route", "status"], namespace=ns, registry=r, buckets=_REQUEST_BUCKETS,
         )
+
+        self.detector_info = Gauge(
+            "detector_info", "The face detector in use (FR_DETECTOR), value 1", ["detector"],
+            namespace=ns, registry=r,
+        )
+
+    def set_detector(self, name: str) -> None:
+        self.detector_info.labels(name).set(1)
 
     def add_model(self, model: str) -> None:
         """Create the model's series at zero, so that rates and ratios exist before the first event."""

@@ -71,8 +71,7 @@ class FaceService:
         self.index = index
         self.pipeline = pipeline
         self.plugins = plugins
-        self.c0 = float(settings.similarity_c0)
-        self.c1 = float(settings.similarity_c1)
+        self.c0, self.c1 = (float(c) for c in settings.similarity_coefficients())
         self.pixels = PixelBudget(settings.decode_pixel_budget)
 
     # ------------------------------------------------------------------ similarity
@@ -101,7 +100,7 @@ class FaceService:
         detect_faces: bool = True,
     ) -> Analysis:
         """Decode, detect (or take the whole image), embed, run plugins. No face -> code 28."""
-        threshold = self.settings.det_prob_threshold if det_prob_threshold is None else det_prob_threshold
+        threshold = self.settings.face_threshold() if det_prob_threshold is None else det_prob_threshold
         if not 0.0 <= threshold <= 1.0:  # the core's BadRequest, mapped to code 28 by the Java layer
             raise errors.no_face()
         with self.pixels.hold(image_pixels(data)):  # the decoded image lives until we return

@@ -73,7 +73,8 @@ class LiveServer:
 
 def live_server(tmp_dir: Path, model_dir: Path, **overrides) -> LiveServer:
     values = dict(data_dir=tmp_dir, model_dir=model_dir, host="127.0.0.1", port=0, admin_token=ADMIN_TOKEN)
-    settings = Settings(**{**values, **overrides})
+    # FR_* variables apply (FR_DETECTOR=mtcnn runs the API tests on MTCNN); the test's values win
+    settings = Settings.from_env(**{**values, **overrides})
     return LiveServer(settings)
 
 

@@ -33,10 +33,28 @@ def backend(model_dir):
 
 @pytest.fixture(scope="session")
 def pipeline(model_dir, backend):
+    """The default pipeline (YuNet), or the detector FR_DETECTOR names."""
     from server.config import Settings
     from server.pipeline import FacePipeline
 
-    return FacePipeline.from_settings(Settings(model_dir=model_dir), backend=backend)
+    return FacePipeline.from_settings(Settings.from_env(model_dir=model_dir), backend=backend)
+
+
+@pytest.fixture(scope="session")
+def mtcnn_pipeline(model_dir, backend):
+    """FR_DETECTOR=mtcnn: CompreFace's facenet-build detector, for the tests of MTCNN's own behaviour."""
+    from server.config import Settings
+    from server.pipeline import FacePipeline
+
+    return FacePipeline.from_settings(Settings.from_env(model_dir=model_dir, detector="mtcnn"), backend=backend)
+
+
+@pytest.fixture(scope="session")
+def yunet_pipeline(model_dir, backend):
+    from server.config import Settings
+    from server.pipeline import FacePipeline
+
+    return FacePipeline.from_settings(Settings.from_env(model_dir=model_dir, detector="yunet"), backend=backend)
 
 
 @pytest.fixture(scope="session")

@@ -238,13 +238,14 @@ def test_registry_reports_the_models(registry):
 
 def test_chips_are_dlib_chips_of_the_embedders_shape(registry, pipeline, facedata):
     """The models see get_face_chip(shape, 64 / 32, padding 0.2) of the shape the embedder used."""
-    from server.pipeline.alignment import face_chips, mtcnn_box_to_rect
+    from server.pipeline.alignment import face_chips
 
     image = _photo(facedata, "deepface/tests/unit/dataset/img1.jpg")
     faces = pipeline.faces(image)
     assert faces and all(f.shape is not None for f in faces)
     det = pipeline.detect(image, 0.85)
-    shapes = pipeline.shape_predictor.predict_many(image, [mtcnn_box_to_rect(b) for b in det.boxes[:1]])
+    shapes = pipeline.shape_predictor.predict_many(
+        image, [pipeline.detector.dlib_rect(b, m) for b, m in zip(det.boxes[:1], det.landmarks[:1])])
     np.testing.assert_array_equal(faces[0].shape, shapes[0])
     seen = []
 

@@ -106,7 +106,8 @@ def similarity(settings: Settings, a, b) -> float:
     a = np.asarray(a, np.float64) / np.linalg.norm(a)
     b = np.asarray(b, np.float64) / np.linalg.norm(b)
     d = np.linalg.norm(a - b)
-    return (math.tanh((settings.similarity_c0 - d) * settings.similarity_c1) + 1) / 2
+    c0, c1 = settings.similarity_coefficients()
+    return (math.tanh((c0 - d) * c1) + 1) / 2
 
 
 # ------------------------------------------------------------------------------- system

@@ -313,7 +313,7 @@ def settle_and_check(server: ServerProcess, key: str, ledger: Ledger, rng: np.ra
         queries /= np.linalg.norm(queries, axis=1, keepdims=True)
         dist = np.linalg.norm(queries[:, None, :] - vectors[None, :, :], axis=2)
         best = dist.argmin(axis=1)
-        c0, c1 = Settings().similarity_c0, Settings().similarity_c1  # what the server uses
+        c0, c1 = Settings.from_env().similarity_coefficients()  # what the server uses
         want = (np.tanh((c0 - dist[np.arange(pick.size), best]) * c1) + 1) / 2
         for q, hits, b, w in zip(queries, recognize(c, key, queries, 1), best, want):
             if hits[0]["subject"] != names[b] or abs(hits[0]["similarity"] - w) > 2e-5:

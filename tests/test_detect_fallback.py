@@ -13,7 +13,8 @@ R = "/api/v1/recognition"
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, model_dir):
-    with live_server(tmp_path_factory.mktemp("fallback"), model_dir, detect_fallback="mmod") as srv:
+    with live_server(tmp_path_factory.mktemp("fallback"), model_dir, detect_fallback="mmod",
+                     detector="mtcnn") as srv:
         yield srv
 
 

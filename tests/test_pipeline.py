@@ -8,8 +8,8 @@ from skimage.data import astronaut
 from server.imaging import decode_image
 
 
-def test_astronaut_one_face_with_embedding(pipeline):
-    faces = pipeline.faces(astronaut())
+def test_astronaut_one_face_with_embedding(mtcnn_pipeline):
+    faces = mtcnn_pipeline.faces(astronaut())
     assert len(faces) == 1
     f = faces[0]
     assert f.probability > 0.999
@@ -84,11 +84,12 @@ def test_descriptors_close_to_dlib_pipeline(pipeline, facedata, reference_faces)
     assert dists.max() < 0.5
 
 
-def test_face_filling_a_tight_crop_is_found_by_the_padded_retry(pipeline):
+def test_face_filling_a_tight_crop_is_found_by_the_padded_retry(mtcnn_pipeline):
     """MTCNN alone misses a face cropped inside its own box (no room around it); the pipeline's
     padded retry finds it, with a box inside the image and the same person's descriptor."""
     from server.pipeline import FacePipeline
 
+    pipeline = mtcnn_pipeline
     img = astronaut()
     full = pipeline.faces(img)[0]
     x0, y0, x1, y1 = full.box
@@ -126,7 +127,7 @@ def test_mtcnn_points_from_a_5_point_shape_land_near_mtcnn_landmarks(pipeline):
     assert placed[:2, 1].max() < placed[2, 1] < placed[3:, 1].min()  # eyes above the nose above the mouth
 
 
-def test_mmod_fallback_finds_the_profile_face_mtcnn_misses(pipeline, facedata, model_dir):
+def test_mmod_fallback_finds_the_profile_face_mtcnn_misses(mtcnn_pipeline, facedata, model_dir):
     """orl s2/6: a face MTCNN never detects (any threshold, padded or not). With
     detect_fallback=mmod the pipeline returns dlib's CNN rect (real dlib: [11, 33, 58, 81]) and a
     descriptor that verifies against the same person's other photos."""
@@ -136,10 +137,11 @@ def test_mmod_fallback_finds_the_profile_face_mtcnn_misses(pipeline, facedata, m
     def load(i: int) -> np.ndarray:
         return decode_image((facedata / f"orl-att-faces/att_faces/s2/{i}.pgm").read_bytes())
 
+    pipeline = mtcnn_pipeline
     img = load(6)
     assert pipeline.fallback is None  # off by default: CompreFace's detector is MTCNN alone
     assert pipeline.faces(img, det_prob_threshold=0.0) == []
-    on = FacePipeline.from_settings(Settings(model_dir=model_dir, detect_fallback="mmod"),
+    on = FacePipeline.from_settings(Settings(model_dir=model_dir, detect_fallback="mmod", detector="mtcnn"),
                                     backend=pipeline.backend)
     (face,) = on.faces(img)
     assert face.box == (11, 33, 58, 81)

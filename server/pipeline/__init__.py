@@ -44,6 +44,7 @@ class Face:
 
 
 FALLBACKS = ("none", "mmod")
+DETECTORS = ("yunet", "mtcnn")
 
 
 class FacePipeline:
@@ -59,11 +60,11 @@ class FacePipeline:
     def from_settings(cls, settings: Settings, backend: Backend | None = None) -> "FacePipeline":
         from server.backends import create_backend
         from server.pipeline.alignment import ShapePredictor
-        from server.pipeline.detector import MtcnnDetector
-
+        if settings.detector not in DETECTORS:
+            raise ValueError(f"detector must be one of {DETECTORS}, not {settings.detector!r}")
         backend = backend or create_backend(settings)
         sp = ShapePredictor.load(Path(settings.model_dir) / SHAPE_PREDICTOR_FILE)
-        det = MtcnnDetector(backend, min_face_size=settings.min_face_size, max_side=settings.max_detect_side)
+        det = create_detector(settings, backend)
         if settings.detect_fallback not in FALLBACKS:
             raise ValueError(f"detect_fallback must be one of {FALLBACKS}, not {settings.detect_fallback!r}")
         fallback = None
@@ -73,12 +74,17 @@ class FacePipeline:
             fallback = MmodDetector(backend, upsample=1, max_pixels=settings.detect_fallback_max_pixels)
         return cls(backend, sp, det, pad_retry=settings.detect_pad_retry, fallback=fallback)
 
+    @property
+    def detector_name(self) -> str:
+        """'yunet' or 'mtcnn': the detector that finds this pipeline's faces (FR_DETECTOR)."""
+        return self.detector.name
+
     def detect(self, image: np.ndarray, det_prob_threshold: float) -> "Detections":
-        """MTCNN on the image; when no face passes the threshold, once more on the image padded by
+        """The detector on the image; when no face passes the threshold, once more on the image padded by
         `pad_retry` x its longest side on every side (black), with the results mapped back; then,
         when configured, the MMOD fallback (detect_fallback).
 
-        MTCNN cannot see a face larger than the image: its pyramid stops when the image is 12 px at
+        Neither detector sees a face well that fills the whole image: MTCNN's pyramid stops when the image is 12 px at
         P-Net's scale, and a face that fills a tight crop (the kind of photo people enrol) is cut
         off on every side. The padding gives such a face room; images with a face found the first
         time cost nothing more. Boxes may then extend past the image (the API clips them)."""
@@ -142,10 +148,10 @@ class FacePipeline:
         ]
         if (embed or shapes) and faces:
             t1 = time.perf_counter()
-            from server.pipeline.alignment import face_chips, mtcnn_box_to_rect
+            from server.pipeline.alignment import face_chips
 
-            if det.rects is None:  # dlib-exact alignment: MTCNN boxes re-mapped to dlib's rects
-                rects = [mtcnn_box_to_rect(b) for b in boxes[order]]
+            if det.rects is None:  # dlib-exact alignment: the detector's boxes and points re-mapped to dlib's rects
+                rects = [self.detector.dlib_rect(b, m) for b, m in zip(boxes[order], marks[order])]
             else:  # the fallback's dlib rects go to the predictor as they are
                 rects = [tuple(int(v) for v in r) for r in det.rects[keep][order]]
             face_shapes = self.shape_predictor.predict_many(image, rects)
@@ -157,15 +163,14 @@ class FacePipeline:
                 timings["calculator"] = (time.perf_counter() - t1) * 1000.0
         return faces
 
-    def embed_faces(self, image: np.ndarray, boxes: np.ndarray) -> np.ndarray:
-        """dlib-exact alignment of MTCNN boxes (re-map -> 5-point predictor -> chip), one embedder batch."""
-        return self.embed_chips(self.face_chips(image, boxes))
+    def embed_faces(self, image: np.ndarray, boxes: np.ndarray, landmarks: np.ndarray) -> np.ndarray:
+        """dlib-exact alignment of detections (re-map -> 5-point predictor -> chip), one embedder batch."""
+        return self.embed_chips(self.face_chips(image, boxes, landmarks))
 
-    def face_chips(self, image: np.ndarray, boxes: np.ndarray) -> np.ndarray:
-        """(n,150,150,3) dlib chips of MTCNN boxes: each box re-mapped to dlib's rect, then align()."""
-        from server.pipeline.alignment import mtcnn_box_to_rect
-
-        return self.align(image, [mtcnn_box_to_rect(b) for b in boxes])
+    def face_chips(self, image: np.ndarray, boxes: np.ndarray, landmarks: np.ndarray) -> np.ndarray:
+        """(n,150,150,3) dlib chips of detections: each box and its 5 points re-mapped to the rect
+        dlib's HOG detector would give (the detector's own fitted mapping, `dlib_rect`), then align()."""
+        return self.align(image, [self.detector.dlib_rect(b, m) for b, m in zip(boxes, landmarks)])
 
     def align(self, image: np.ndarray, rects) -> np.ndarray:
         """(n,150,150,3) chips of dlib rects (left, top, right, bottom): 5-point predictor, chip warp."""
@@ -183,6 +188,17 @@ class FacePipeline:
         """CompreFace's detect_faces=false: the whole image is the face, resized to 150x150."""
         chip = cv2.resize(image, (CHIP_SIZE, CHIP_SIZE), interpolation=cv2.INTER_AREA)
         return self.embed_chips(chip[None])[0]
+
+
+def create_detector(settings: Settings, backend: Backend):
+    """The detector FR_DETECTOR names, over `backend`."""
+    if settings.detector == "mtcnn":
+        from server.pipeline.detector import MtcnnDetector
+
+        return MtcnnDetector(backend, min_face_size=settings.min_face_size, max_side=settings.max_detect_side)
+    from server.pipeline.yunet import YunetDetector
+
+    return YunetDetector(backend, max_side=settings.max_detect_side, max_upscale=settings.detect_max_upscale)
 
 
 def _passes(det: "Detections", threshold: float) -> bool:

@@ -76,6 +76,8 @@ class _Image:
 
 
 class MtcnnDetector:
+    name = "mtcnn"
+
     def __init__(
         self,
         backend: Backend,
@@ -95,6 +97,14 @@ class MtcnnDetector:
     # ------------------------------------------------------------------ public API
     def detect(self, image: np.ndarray) -> Detections:
         return self.detect_batch([image])[0]
+
+    @staticmethod
+    def dlib_rect(box: Sequence[float], landmarks=None) -> tuple[int, int, int, int]:
+        """The rect dlib's HOG detector would give for this box (alignment.mtcnn_box_to_rect);
+        MTCNN's box alone places it best (docs/models.md section 4), the landmarks are not used."""
+        from server.pipeline.alignment import mtcnn_box_to_rect
+
+        return mtcnn_box_to_rect(box)
 
     def detect_batch(self, images: list[np.ndarray]) -> list[Detections]:
         work = [self._prepare(img) for img in images]

@@ -102,7 +102,9 @@ SKIPPED_WITHOUT_DETECTION: frozenset[str] = frozenset({"pose", "mask"})
 # Keys of CompreFace's PluginsVersionsDto; others are dropped by its Java layer.
 COMPREFACE_VERSION_KEYS: tuple[str, ...] = ("age", "gender", "detector", "calculator", "mask")
 
-DETECTOR_VERSION = "mtcnn.FaceDetector"
+# plugins_versions.detector per FR_DETECTOR (CompreFace's facenet build says "facenet.FaceDetector" for MTCNN)
+DETECTOR_VERSIONS: dict[str, str] = {"mtcnn": "mtcnn.FaceDetector", "yunet": "yunet.FaceDetector"}
+DETECTOR_VERSION = DETECTOR_VERSIONS["mtcnn"]
 BUILTIN_VERSIONS: dict[str, str] = {
     "calculator": "dlib.Calculator@resnet_v1",
     "landmarks": "mtcnn.LandmarksDetector",
@@ -447,7 +449,7 @@ class PluginRegistry:
         CompreFace's PluginsVersionsDto only has age, gender, detector, calculator and mask;
         pose and landmarks are added only with include_all=True.
         """
-        out = {"detector": DETECTOR_VERSION}
+        out = {"detector": DETECTOR_VERSIONS.get(self.settings.detector, DETECTOR_VERSION)}
         for plugin in selected:
             if self.available(plugin) and (include_all or plugin in COMPREFACE_VERSION_KEYS):
                 out[plugin] = self.states[plugin].version  # type: ignore[assignment]
@@ -509,15 +511,14 @@ class PluginRegistry:
     def face_shapes(self, image: np.ndarray, faces: Sequence["Face"]) -> np.ndarray:
         """(n, 5, 2) dlib 5-point shapes: the pipeline's (Face.shape, set where it embeds), else
         predicted now (and kept on the face, so a request's age and gender share one prediction)
-        from the rect dlib's detector would give for the box (alignment.mtcnn_box_to_rect; the
-        pipeline's own comes from the unclipped detector box, so ask it: faces(shapes=True)); a face
+        from the rect dlib's detector would give for the face (the detector's own mapping: YuNet's
+        points, yunet.landmarks_to_rect, or MTCNN's box, alignment.mtcnn_box_to_rect; the pipeline's
+        own comes from the unclipped detector box, so ask it: faces(shapes=True)); a face
         without landmarks (detect_faces=false: the whole image) uses its whole box, as dlib's
         pipeline does for a face crop."""
-        from server.pipeline.alignment import mtcnn_box_to_rect
-
         missing = [f for f in faces if getattr(f, "shape", None) is None]
         if missing:
-            rects = [mtcnn_box_to_rect(f.box) if _has_landmarks(f.landmarks)
+            rects = [dlib_rect_for(self.settings.detector, f) if _has_landmarks(f.landmarks)
                      else (f.box[0], f.box[1], f.box[2] - 1, f.box[3] - 1) for f in missing]
             for face, shape in zip(missing, self._predictor().predict_many(image, rects)):
                 face.shape = shape
@@ -530,6 +531,17 @@ class PluginRegistry:
 
             self.shape_predictor = ShapePredictor.load(Path(self.settings.model_dir) / SHAPE_PREDICTOR_FILE)
         return self.shape_predictor
+
+
+def dlib_rect_for(detector: str, face: "Face") -> tuple[int, int, int, int]:
+    """The rect dlib's HOG detector would give for a face found by `detector` (FR_DETECTOR)."""
+    if detector == "mtcnn":
+        from server.pipeline.alignment import mtcnn_box_to_rect
+
+        return mtcnn_box_to_rect(face.box)
+    from server.pipeline.yunet import landmarks_to_rect
+
+    return landmarks_to_rect(face.landmarks)
 
 
 def _has_landmarks(landmarks) -> bool:
