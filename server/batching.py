@@ -664,8 +664,12 @@ def policies_from_settings(settings: "Settings") -> dict[str, BatchPolicy]:
             queue_capacity=getattr(settings, f"batch_{stage}_capacity"),
             instances=settings.model_instances(),
         )
-        for model, stage in STAGES.items()
+        for model, stage in {**STAGES, **PLUGIN_STAGES}.items()
     }
+
+
+# the age and gender plugins' models (server/pipeline/plugins.py): their chips coalesce like the embedder's
+PLUGIN_STAGES = {"face_age": "age", "face_gender": "gender"}
 
 
 def create_batcher(inner: Backend, settings: "Settings", metrics: "Metrics | None" = None) -> Backend:

@@ -429,8 +429,15 @@ def run_calibration(args: argparse.Namespace) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["age-gender"]:  # gender accuracy and ages on the dev photos (server/bench_age_gender.py)
+        from server.bench_age_gender import main as age_gender_main
+
+        return age_gender_main(argv[1:])
     parser = argparse.ArgumentParser(prog="python -m server.bench")
     sub = parser.add_subparsers(dest="what", required=True)
+    sub.add_parser("age-gender", help="gender accuracy and predicted ages on the dev photos "
+                   "(python -m server.bench age-gender --help)")
     p = sub.add_parser("pipeline", help="embedder/detector speed, verification and detection accuracy")
     p.add_argument("--facedata", default=str(DEFAULT_FACEDATA))
     p.add_argument("--model-dir", default=None)

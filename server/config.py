@@ -121,6 +121,14 @@ class Settings:
     max_inflight_inference: int = 0
     max_waiting_inference: int = 64
     batch_instances: int = 0  # batches of one model running at once; 0: auto, see model_instances()
+    # the age and gender plugins' models (chips of 64 / 32 px; 1 thread, rows/s at batch 1/4/16/32:
+    # age 930/1250/1260/1380, gender 4.0k/4.2k/4.1k/4.0k), so batches of 16 and ~1 s of work queued
+    batch_age_size: int = 16
+    batch_age_delay_ms: float = 0.0
+    batch_age_capacity: int = 1024  # 64x64 chips
+    batch_gender_size: int = 16
+    batch_gender_delay_ms: float = 0.0
+    batch_gender_capacity: int = 4096  # 32x32 chips
     batch_pnet_size: int = 4
     batch_pnet_delay_ms: float = 0.0
     batch_pnet_capacity: int = 512  # pyramid levels

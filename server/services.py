@@ -112,7 +112,8 @@ class FaceService:
             h, w = image.shape[:2]
             selected = list(plugins)
             if detect_faces:
-                faces = self.pipeline.faces(image, det_prob_threshold=threshold, limit=limit, embed=embed)
+                faces = self.pipeline.faces(image, det_prob_threshold=threshold, limit=limit, embed=embed,
+                                            shapes=self.plugins.needs_shapes(selected))
             else:
                 faces = [self._whole_image_face(image)]
                 selected = [p for p in selected if p not in SKIPPED_WITHOUT_DETECTION]

