@@ -37,13 +37,8 @@ Rect = tuple[int, int, int, int]
 # shape predictor
 
 
-def _round_half_up(x: np.ndarray) -> np.ndarray:
-    """dlib's float -> integer point conversion: floor(x + 0.5)."""
-    return np.floor(x + 0.5)
-
-
 class ShapePredictor:
-    """dlib's cascade of regression trees, vectorised over the trees of a level and over faces."""
+    """dlib's cascade of regression trees (the compiled loop: server/pipeline/_kernels.py)."""
 
     def __init__(self, arrays: dict[str, np.ndarray]) -> None:
         self.initial_shape = np.asarray(arrays["initial_shape"], np.float32)  # (parts, 2)
@@ -63,9 +58,8 @@ class ShapePredictor:
         self.split_idx1, self.split_idx2 = split_idx1, split_idx2
         self.delta_x = np.ascontiguousarray(deltas[..., 0])
         self.delta_y = np.ascontiguousarray(deltas[..., 1])
-        # one row per (tree, leaf) so a single take() fetches every tree's leaf vector
-        self.leaf_rows = leaves.reshape(self.n_levels, self.n_trees * self.n_leaves, -1)
-        self._tree_leaf_base = np.arange(self.n_trees) * self.n_leaves
+        self.leaves = np.ascontiguousarray(leaves)
+        self._initial_flat = np.ascontiguousarray(self.initial_shape.reshape(-1))
         # the similarity initial -> current always starts from the same centred shape
         init = self.initial_shape.astype(np.float64)
         self._init_centred = init - init.mean(axis=0)
@@ -110,59 +104,15 @@ class ShapePredictor:
         image: HxWx3 uint8 RGB (or HxW uint8 gray, which dlib reads as its intensity).
         Values are dlib's integer part positions (floor(x + 0.5)) as float64.
         """
-        rect_arr = np.asarray(rects, dtype=np.float64).reshape(-1, 4)
-        n = rect_arr.shape[0]
-        if n == 0:
+        from server.pipeline._kernels import predict_shapes
+
+        rect_arr = np.ascontiguousarray(np.asarray(rects, dtype=np.float64).reshape(-1, 4))
+        if rect_arr.shape[0] == 0:
             return np.zeros((0, self.n_parts, 2), np.float64)
-        h, w = image.shape[:2]
-        flat = image.reshape(h * w, -1)  # a view for the usual C-contiguous image
-        gray = flat.shape[1] == 1
-        # unnormalizing_tform: (0,0) -> top-left corner, (1,1) -> bottom-right corner
-        left, top = rect_arr[:, 0:1], rect_arr[:, 1:2]
-        width, height = rect_arr[:, 2:3] - left, rect_arr[:, 3:4] - top
-
-        current = np.repeat(self.initial_shape.reshape(1, -1), n, axis=0)  # (n, 2*parts) x0,y0,x1,...
-        node_base = (np.arange(n)[:, None] * self.n_trees + np.arange(self.n_trees)) * self.n_splits
-        for level in range(self.n_levels):
-            m = self._tform(current.reshape(n, self.n_parts, 2))
-            anchor = self.anchor_idx[level]
-            ax = current[:, 2 * anchor]
-            ay = current[:, 2 * anchor + 1]
-            dx, dy = self.delta_x[level], self.delta_y[level]
-            # float32 arithmetic exactly as dlib: tform*delta + location(current, anchor)
-            px = m[:, 0, 0:1] * dx + m[:, 0, 1:2] * dy + ax
-            py = m[:, 1, 0:1] * dx + m[:, 1, 1:2] * dy + ay
-            x = _round_half_up(px.astype(np.float64) * width + left)
-            y = _round_half_up(py.astype(np.float64) * height + top)
-            inside = (x >= 0) & (x < w) & (y >= 0) & (y < h)
-            lin = np.where(inside, y * w + x, 0).astype(np.intp)
-            pix = np.take(flat, lin, axis=0)  # (n,P,C)
-            if gray:
-                feat = pix[..., 0].astype(np.float32)
-            else:  # dlib's rgb -> gray: (r+g+b)/3 in integer arithmetic
-                total = pix[..., 0].astype(np.uint16)
-                total += pix[..., 1]
-                total += pix[..., 2]
-                feat = (total // 3).astype(np.float32)
-            feat[~inside] = 0
-
-            # every split decision of every tree at once, then walk the full trees
-            f1 = np.take(feat, self.split_idx1[level], axis=1)  # (n,T,S)
-            f2 = np.take(feat, self.split_idx2[level], axis=1)
-            go_left = ((f1 - f2) > self.thresh[level]).ravel()
-            node = np.zeros((n, self.n_trees), np.intp)
-            for _ in range(self.depth):
-                node = 2 * node + 2 - go_left[node_base + node]  # left child 2i+1, right 2i+2
-            rows = self._tree_leaf_base + (node - self.n_splits)
-            leaf_vals = np.take(self.leaf_rows[level], rows, axis=0)  # (n,T,2*parts)
-            # dlib adds the leaves one tree after another in float32: keep that order
-            acc = np.concatenate([current[:, None, :], leaf_vals], axis=1)
-            current = np.cumsum(acc, axis=1, dtype=np.float32)[:, -1]
-
-        pts = current.reshape(n, self.n_parts, 2).astype(np.float64)
-        pts[..., 0] = pts[..., 0] * width + left
-        pts[..., 1] = pts[..., 1] * height + top
-        return _round_half_up(pts)
+        img = image if image.ndim == 3 else image[:, :, None]
+        return predict_shapes(img, rect_arr, self._initial_flat, self._init_centred, self._init_sigma,
+                              self.anchor_idx, self.delta_x, self.delta_y, self.split_idx1, self.split_idx2,
+                              self.thresh, self.leaves, self.depth)
 
 
 # ----------------------------------------------------------------------------------------
@@ -559,17 +509,6 @@ def _affine_from_corners(rows: int, cols: int, tl, tr, bl) -> tuple[np.ndarray, 
     return np.array([[m[0][0], m[0][1]], [m[1][0], m[1][1]]]), np.array([m[0][2], m[1][2]])
 
 
-_GRID_CACHE: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
-
-
-def _grid(rows: int, cols: int) -> tuple[np.ndarray, np.ndarray]:
-    key = (rows, cols)
-    if key not in _GRID_CACHE:
-        r, c = np.mgrid[0:rows, 0:cols].astype(np.float64)
-        _GRID_CACHE[key] = (c.ravel(), r.ravel())
-    return _GRID_CACHE[key]
-
-
 def _sample_bilinear(src: np.ndarray, m: np.ndarray, b: np.ndarray, rows: int, cols: int,
                      origin: tuple[int, int] = (0, 0), size: tuple[int, int] | None = None) -> np.ndarray:
     """dlib transform_image with interpolate_bilinear: truncated values, 0 unless the 2x2 cell is inside.
@@ -577,41 +516,16 @@ def _sample_bilinear(src: np.ndarray, m: np.ndarray, b: np.ndarray, rows: int, c
     Coordinates are relative to the window of `src` at origin (top, left) of shape `size`
     (default: all of src), so a crop never has to be copied.
     """
+    from server.pipeline._kernels import sample_bilinear
+
     h, w = size if size is not None else src.shape[:2]
+    if src.ndim == 2:
+        src = src[:, :, None]
     if h < 2 or w < 2:  # no 2x2 cell at all (e.g. a pyramid level of a sliver of image)
-        return np.zeros((rows, cols, src.shape[2] if src.ndim == 3 else 1), np.uint8)
+        return np.zeros((rows, cols, src.shape[2]), np.uint8)
     top0, left0 = origin
-    c, r = _grid(rows, cols)
-    x = m[0, 0] * c + m[0, 1] * r + b[0]  # dlib: m*p + b, same operation order
-    y = m[1, 0] * c + m[1, 1] * r + b[1]
-    left = np.floor(x)
-    top = np.floor(y)
-    ok = (left >= 0) & (top >= 0) & (left + 1 < w) & (top + 1 < h)
-    lr = x - left
-    tb = y - top
-    li = np.where(ok, left, 0).astype(np.intp) + left0
-    ti = np.where(ok, top, 0).astype(np.intp) + top0
-    stride = src.shape[1]
-    flat = src.reshape(-1, src.shape[2]) if src.flags.c_contiguous else None
-    if flat is None:  # a view: gather through 2-D indices instead of copying the image
-        tl = src[ti, li]
-        tr = src[ti, li + ok]
-        bl = src[ti + ok, li]
-        br = src[ti + ok, li + ok]
-    else:
-        idx = ti * stride + li
-        step = ok.astype(np.intp)  # invalid pixels read the same (valid) pixel 4 times
-        tl = np.take(flat, idx, axis=0)
-        tr = np.take(flat, idx + step, axis=0)
-        bl = np.take(flat, idx + step * stride, axis=0)
-        br = np.take(flat, idx + step * (stride + 1), axis=0)
-    lr = lr[:, None]
-    tb = tb[:, None]
-    one_lr = 1 - lr
-    # the exact operation order of dlib's interpolate_bilinear, then static_cast<unsigned char>
-    val = (1 - tb) * (one_lr * tl + lr * tr) + tb * (one_lr * bl + lr * br)
-    val[~ok] = 0
-    return val.astype(np.uint8).reshape(rows, cols, -1)
+    return sample_bilinear(src, float(m[0, 0]), float(m[0, 1]), float(m[1, 0]), float(m[1, 1]), float(b[0]),
+                           float(b[1]), int(rows), int(cols), int(top0), int(left0), int(h), int(w))
 
 
 def face_chip(image: np.ndarray, shape5: np.ndarray, size: int = CHIP_SIZE, padding: float = CHIP_PADDING) -> np.ndarray:
