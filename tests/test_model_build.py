@@ -64,6 +64,31 @@ def test_embedder_contract(cli_build):
     assert "dims: [ 150, 150, 3 ]" in cfg and "dims: [ 128 ]" in cfg
 
 
+def test_yunet_contract(cli_build):
+    """face_detector_yunet: uint8 RGB NHWC with free batch / height / width, 12 float outputs [N, A_s, C],
+    Triton config read off that, max batch 64 with dynamic batching; build.json records the pinned source."""
+    from server.models import yunet
+
+    model = onnx.load(str(cli_build / yunet.MODEL_NAME / "1" / "model.onnx"))
+    (inp,) = model.graph.input
+    assert inp.name == "image" and inp.type.tensor_type.elem_type == onnx.TensorProto.UINT8
+    assert [d.dim_value if d.HasField("dim_value") else None for d in inp.type.tensor_type.shape.dim] == [
+        None, None, None, 3]
+    width = {"cls": 1, "obj": 1, "bbox": 4, "kps": 10}
+    assert [o.name for o in model.graph.output] == list(yunet.OUTPUTS)
+    for o in model.graph.output:
+        dims = [d.dim_value if d.HasField("dim_value") else None for d in o.type.tensor_type.shape.dim]
+        assert dims == [None, None, width[o.name.split("_")[0]]], o.name
+    cfg = (cli_build / yunet.MODEL_NAME / "config.pbtxt").read_text()
+    assert 'name: "image"\n    data_type: TYPE_UINT8\n    dims: [ -1, -1, 3 ]' in cfg
+    for name in yunet.OUTPUTS:
+        assert f'name: "{name}"\n    data_type: TYPE_FP32\n    dims: [ -1, {width[name.split("_")[0]]} ]' in cfg
+    assert "max_batch_size: 64\n" in cfg and "dynamic_batching {" in cfg
+    manifest = json.loads((cli_build / MANIFEST).read_text())
+    assert manifest["sources"][yunet.MODEL_NAME] == yunet.source_record()
+    assert manifest["sources"][yunet.MODEL_NAME]["sha256"] == yunet.WEIGHTS_SHA256
+
+
 def test_second_build_is_skipped(cli_build):
     before = {p: p.stat().st_mtime_ns for p in cli_build.rglob("*") if p.is_file()}
     proc = run_cli("models", "build", "--out", str(cli_build))

@@ -99,10 +99,11 @@ def test_tensorrt_configs(trt_repo, model_dir):
             for axis, d in enumerate(dims[1:], start=1):
                 if d > 0:
                     assert shapes["min"][axis] == shapes["opt"][axis] == shapes["max"][axis] == d
-                else:  # only P-Net and MMOD have a dynamic image size
-                    assert name in ("face_detector_pnet", "face_detector_mmod")
+                else:  # only P-Net, MMOD and YuNet have a dynamic image size
+                    assert name in ("face_detector_pnet", "face_detector_mmod", "face_detector_yunet")
                     assert spec.image_sides is not None
-                    assert shapes["min"][axis] == spec.image_sides[0] < shapes["opt"][axis] < shapes["max"][axis]
+                    assert [shapes[k][axis] for k in ("min", "opt", "max")] == list(spec.image_sides)
+                    assert shapes["min"][axis] < shapes["max"][axis]
                     if name == "face_detector_pnet":
                         assert shapes["min"][axis] == PNET_MIN_SIDE
     manifest = json.loads((trt_repo / MANIFEST).read_text())
@@ -575,3 +576,144 @@ def test_age_and_gender_through_triton(triton, python_repo, reference):
     assert stats["inference_count"] - before == n_faces
     if n_faces > 1:
         assert max(b["batch_size"] for b in stats["batch_stats"]) > 1
+
+
+# ---------------------------------------------------------------------- YuNet (uint8 NHWC, dynamic H x W)
+YUNET = "face_detector_yunet"
+
+
+def _yunet_outputs() -> dict[str, str]:
+    """YuNet's outputs -> their non-batch dims in config.pbtxt: [A_s, 1 | 4 | 10] with A_s dynamic."""
+    from server.models.yunet import OUTPUTS
+
+    width = {"cls": 1, "obj": 1, "bbox": 4, "kps": 10}
+    return {name: f"-1, {width[name.split('_')[0]]}" for name in OUTPUTS}
+
+
+@pytest.mark.parametrize("target", ["onnxruntime", "python", "tensorrt"])
+def test_yunet_config_for_every_target(target, model_dir, python_repo, trt_repo):
+    repo = {"onnxruntime": model_dir, "python": python_repo, "tensorrt": trt_repo}[target]
+    cfg = (repo / YUNET / "config.pbtxt").read_text()
+    assert _config_value(cfg, "max_batch_size") == "64" == str(MODEL_SPECS[YUNET].max_batch_size)
+    assert re.search(r'input \[\s+\{\s+name: "image"\s+data_type: TYPE_UINT8\s+dims: \[ -1, -1, 3 \]\s+\}\s+\]', cfg)
+    assert _tensor_dims(cfg) == {"image": "-1, -1, 3", **_yunet_outputs()}
+    assert len(re.findall(r"data_type: TYPE_FP32", cfg)) == 12
+    assert re.search(r"dynamic_batching \{\s+max_queue_delay_microseconds: \d+\s+\}", cfg)
+    platform = {"onnxruntime": ("platform", '"onnxruntime_onnx"'), "python": ("backend", '"python"'),
+                "tensorrt": ("platform", '"tensorrt_plan"')}[target]
+    assert _config_value(cfg, platform[0]) == platform[1]
+
+
+def test_yunet_tensorrt_profile_and_command(trt_repo):
+    """tensorrt.json: batch 1..64 (opt 8), image sides 320..640 (the detector's canvases), uint8 NHWC; the
+    trtexec line carries exactly those shapes; the uint8 input of every uint8 model feeds only a Cast, the one
+    layer TensorRT accepts a UINT8 network input into (trtexec keeps a UINT8 input's type as declared)."""
+    from server.pipeline.yunet import CANVASES
+
+    entry = json.loads((trt_repo / TENSORRT_PLAN).read_text())["models"][YUNET]
+    assert entry["shapes"] == {"image": {"min": [1, 320, 320, 3], "opt": [8, 640, 640, 3],
+                                         "max": [64, 640, 640, 3]}}
+    sides = [side for canvas in CANVASES for side in canvas]
+    assert min(sides) >= entry["shapes"]["image"]["min"][1] and max(sides) <= entry["shapes"]["image"]["max"][1]
+    proc = _convert(trt_repo, "--dry-run", "--models", YUNET, "--trtexec", "/usr/src/tensorrt/bin/trtexec")
+    assert proc.returncode == 0, proc.stderr
+    (line,) = proc.stdout.splitlines()
+    cmd = shlex.split(line)
+    assert f"--onnx={trt_repo / YUNET / '1' / 'model.onnx'}" in cmd
+    assert {"--minShapes=image:1x320x320x3", "--optShapes=image:8x640x640x3", "--maxShapes=image:64x640x640x3",
+            "--fp16", "--skipInference"} <= set(cmd)
+    for name in _built(trt_repo):
+        graph = onnx.load(str(trt_repo / name / "1" / "model.onnx")).graph
+        for inp in graph.input:
+            if inp.type.tensor_type.elem_type == onnx.TensorProto.UINT8:
+                consumers = [n.op_type for n in graph.node if inp.name in n.input]
+                assert consumers and set(consumers) == {"Cast"}, (name, consumers)
+
+
+@pytest.mark.parametrize("protocol,shared_memory", [("grpc", "none"), ("http", "none"), ("grpc", "system"),
+                                                    ("http", "system")])
+def test_yunet_through_triton_matches_onnxruntime(triton, reference, protocol, shared_memory):
+    """face_detector_yunet served by Triton with uint8 input: every output equal to in-process onnxruntime's,
+    at each canvas of the detector, batched; then YunetDetector's boxes on a real photo."""
+    from skimage.data import astronaut
+
+    from server.pipeline.yunet import CANVASES, YunetDetector
+
+    backend = _backend(triton, protocol, shared_memory, models=(YUNET,))
+    rng = np.random.default_rng(32)
+    try:
+        info = backend.model_info(YUNET)
+        assert info.inputs == {"image": "UINT8"} and info.max_batch_size == 64
+        for _ in range(2):  # the second pass: output shapes known, outputs through shared memory too
+            for h, w in CANVASES:
+                batch = rng.integers(0, 256, (2, h, w, 3), dtype=np.uint8)
+                got, want = backend.run(YUNET, {"image": batch}), reference.run(YUNET, {"image": batch})
+                assert set(got) == set(want)
+                for name in want:
+                    assert got[name].dtype == np.float32 and got[name].shape == want[name].shape, name
+                    scale = max(1.0, float(np.abs(want[name]).max()))
+                    np.testing.assert_allclose(got[name], want[name], atol=1e-5 * scale, rtol=0,
+                                               err_msg=f"{name} {h}x{w}")
+        img = astronaut()
+        got_det, want_det = YunetDetector(backend).detect(img), YunetDetector(reference).detect(img)
+    finally:
+        backend.close()
+    assert len(want_det.boxes) >= 1
+    np.testing.assert_allclose(got_det.boxes, want_det.boxes, atol=1e-3, rtol=0)
+    np.testing.assert_allclose(got_det.probs, want_det.probs, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(got_det.landmarks, want_det.landmarks, atol=1e-3, rtol=0)
+
+
+YUNET_CALLERS = 32
+YUNET_MIN_MEAN_BATCH = 4
+
+
+@pytest.mark.parametrize("protocol,shared_memory", [("grpc", "none"), ("http", "system")])
+def test_yunet_concurrent_detections_are_batched(triton, reference, protocol, shared_memory):
+    """32 threads each calling YunetDetector.detect (one image per call) through the triton backend: Triton's
+    dynamic batcher merges them, mean batch (inference_count / execution_count) >= 4, and every thread
+    gets the detections of in-process onnxruntime."""
+    from skimage.data import astronaut
+
+    from server.pipeline.yunet import YunetDetector
+
+    img = astronaut()
+    want = YunetDetector(reference).detect(img)
+    backend = _backend(triton, protocol, shared_memory, models=(YUNET,))
+    detector = YunetDetector(backend)
+    detector.detect(img)  # warm: Triton's model and this front end's metadata, before the measurement
+    rounds = 3
+    errors: list[BaseException] = []
+    start = threading.Barrier(YUNET_CALLERS)
+
+    def worker() -> None:
+        try:
+            start.wait(timeout=60)
+            for _ in range(rounds):
+                got = detector.detect(img)
+                np.testing.assert_allclose(got.boxes, want.boxes, atol=1e-3, rtol=0)
+                np.testing.assert_allclose(got.probs, want.probs, atol=1e-5, rtol=0)
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the main thread
+            errors.append(exc)
+
+    before = _stats(triton, YUNET)
+    threads = [threading.Thread(target=worker, daemon=True) for _ in range(YUNET_CALLERS)]
+    t0 = time.monotonic()
+    for t in threads:
+        t.start()
+    deadline = t0 + 120
+    for t in threads:
+        t.join(timeout=max(0.0, deadline - time.monotonic()))
+    elapsed = time.monotonic() - t0
+    if any(t.is_alive() for t in threads):
+        pytest.fail("YuNet callers still running after 120 s")  # no close(): it could wait on the same lock
+    backend.close()
+    assert not errors, errors[0]
+    after = _stats(triton, YUNET, before["inference_count"] + rounds * YUNET_CALLERS)
+    inferences = after["inference_count"] - before["inference_count"]
+    executions = after["execution_count"] - before["execution_count"]
+    assert inferences == rounds * YUNET_CALLERS
+    mean = inferences / executions
+    print(f"\nYuNet through Triton ({protocol}, shared memory {shared_memory}): {YUNET_CALLERS} concurrent callers, "
+          f"{inferences} detections in {executions} executions, mean batch {mean:.1f}, {elapsed:.1f} s")
+    assert mean >= YUNET_MIN_MEAN_BATCH, f"mean batch {mean:.2f} < {YUNET_MIN_MEAN_BATCH}"

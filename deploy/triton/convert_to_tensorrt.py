@@ -13,9 +13,16 @@ For each model listed in <repository>/tensorrt.json it runs
     trtexec --onnx=<model>/1/model.onnx --saveEngine=<model>/1/.model.plan.tmp --fp16 \\
         --minShapes=<input>:1x... --optShapes=... --maxShapes=... --memPoolSize=workspace:<N>M --skipInference
 
+(shapes from tensorrt.json's profile: e.g. face_detector_yunet's uint8 NHWC image, batch 1..64 and sides
+320..640: --minShapes=image:1x320x320x3 --optShapes=image:8x640x640x3 --maxShapes=image:64x640x640x3)
 and renames the result to <model>/1/model.plan next to a stamp (model.plan.json: ONNX sha256, command,
 TensorRT version, GPU). A model whose stamp matches is skipped, so re-running the job is cheap; plans are
 specific to the GPU and TensorRT version, which is why they are built here and not shipped.
+
+Input types are the ONNX graph's: no --inputIOFormats is passed, and trtexec keeps a UINT8 network input
+as declared (YuNet's image, the age / gender chips; UINT8 network inputs need TensorRT >= 8.5), so
+Triton's TYPE_UINT8 configs match the plans. TensorRT accepts a UINT8 input only straight into a
+Cast, which is how those graphs begin (tests/test_triton.py checks it); --fp16 changes kernels, not I/O types.
 
 Standard library only (the container has no project packages). --dry-run prints the commands.
 """

@@ -5,13 +5,16 @@ only as ONNX files (made by `python -m server models build` from the pip-install
 rather than a second converter per model this module interprets the ONNX graph itself: each
 node becomes one torch call on tensors kept on the target device, the initializers become
 device tensors once, and the result is the same graph with the same weights. It covers the
-operators the repository's models use (opset 17); any other operator is refused when the model
-is loaded, naming it, never silently approximated.
+operators the repository's models use (opset 17); any other operator, or an attribute value
+it does not implement, is refused when the model is loaded, naming it, never silently approximated.
 
 Semantics follow the ONNX operator specification; where torch differs, the difference is
 handled here: asymmetric or oversized pads are applied with `F.pad` first (torch pools and
 convolutions only take symmetric pads), `Pad`'s begin/end list is reordered into torch's
-last-axis-first pairs, and `PRelu` broadcasts its slope as ONNX does.
+last-axis-first pairs, `PRelu` broadcasts its slope as ONNX does, `Resize` (nearest) maps each
+output index to its source index with ONNX's coordinate transformation and rounding rule in
+float32 (as onnxruntime does) and gathers, `Reshape`'s 0 copies the input's dimension, and `Cast`
+to a floating type gives the graph's float type (float16 when the weights are).
 """
 from __future__ import annotations
 
@@ -28,6 +31,17 @@ _TORCH_DTYPES = {
     onnx.TensorProto.INT64: "int64",
     onnx.TensorProto.INT32: "int32",
 }
+# Cast's targets: integer and boolean types keep their exact type; floating ones become the graph's float
+_CAST_TYPES = {
+    onnx.TensorProto.UINT8: "uint8",
+    onnx.TensorProto.INT8: "int8",
+    onnx.TensorProto.INT16: "int16",
+    onnx.TensorProto.INT32: "int32",
+    onnx.TensorProto.INT64: "int64",
+    onnx.TensorProto.BOOL: "bool",
+}
+_CAST_FLOATS = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE)
+_HOST_MAX_SIZE = 16  # float initializers up to this size also get a host copy (Resize's scales, roi)
 
 
 class UnsupportedModel(ValueError):
@@ -49,10 +63,11 @@ class TorchGraph:
         self.dtype = dtype
         graph = model.graph
         self.consts: dict[str, object] = {}
-        self.host: dict[str, np.ndarray] = {}  # integers and scalars, read on the host (pads, pad value)
+        # integers and small constants, read on the host (pads, pad value, shapes, Resize's scales)
+        self.host: dict[str, np.ndarray] = {}
         for init in graph.initializer:
             arr = numpy_helper.to_array(init)
-            if arr.dtype.kind in "iu" or arr.size == 1:
+            if arr.dtype.kind in "iub" or arr.size <= _HOST_MAX_SIZE:
                 self.host[init.name] = arr
             t = torch.from_numpy(np.array(arr, copy=True))  # writable, contiguous
             self.consts[init.name] = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
@@ -234,6 +249,129 @@ def _prelu(g: TorchGraph, attrs: dict, ins: list[str]):
     return lambda x, slope: g.torch.where(x >= 0, x, x * slope)
 
 
+def _attr_str(attrs: dict, key: str, default: str) -> str:
+    value = attrs.get(key, default)
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _cast(g: TorchGraph, attrs: dict, ins: list[str]):
+    to = int(attrs["to"])
+    if to in _CAST_FLOATS:
+        dtype = g.dtype  # float32, or float16 when the whole graph runs in half precision
+    elif to in _CAST_TYPES:
+        dtype = getattr(g.torch, _CAST_TYPES[to])
+    else:
+        raise UnsupportedModel(f"Cast to {onnx.TensorProto.DataType.Name(to)} is not supported by the torch backend")
+    if int(attrs.get("saturate", 1)) != 1:
+        raise UnsupportedModel("Cast with saturate=0 is not supported by the torch backend")
+    # float -> integer truncates toward zero, as onnxruntime's static_cast does
+    return lambda x: x.to(dtype)
+
+
+def _reshape(g: TorchGraph, attrs: dict, ins: list[str]):
+    allowzero = int(attrs.get("allowzero", 0))
+    if allowzero not in (0, 1):
+        raise UnsupportedModel(f"Reshape allowzero={allowzero} is not supported by the torch backend")
+    constant = [int(d) for d in g.host[ins[1]]] if ins[1] in g.host else None
+
+    def reshape(x, shape):
+        dims = constant if constant is not None else [int(d) for d in shape.tolist()]
+        if not allowzero:  # 0 copies the input's dimension at that index
+            dims = [int(x.shape[i]) if d == 0 else d for i, d in enumerate(dims)]
+        return x.reshape(dims)
+    return reshape
+
+
+def _sigmoid(g: TorchGraph, attrs: dict, ins: list[str]):
+    return g.torch.sigmoid
+
+
+# Resize (opsets 11-18), nearest: source coordinate of output index i along an axis, in float32 as
+# onnxruntime computes it (scale: the given scale, or output / input size when `sizes` was given)
+_RESIZE_COORDINATES: dict[str, Callable] = {
+    "asymmetric": lambda i, scale, n_in, n_out: i / scale,
+    "half_pixel": lambda i, scale, n_in, n_out: (i + np.float32(0.5)) / scale - np.float32(0.5),
+    "pytorch_half_pixel": lambda i, scale, n_in, n_out: (
+        (i + np.float32(0.5)) / scale - np.float32(0.5) if n_out > 1 else np.zeros_like(i)),
+    "align_corners": lambda i, scale, n_in, n_out: (
+        i * np.float32(n_in - 1) / np.float32(n_out - 1) if n_out > 1 else np.zeros_like(i)),
+}
+# (float32 x -> integral float); the fraction x - floor(x) is exact, so halves are recognised exactly
+# (floor(x + 0.5) would round 0.49999997 up). Negative coordinates are clamped to 0 afterwards.
+_RESIZE_ROUNDING: dict[str, Callable] = {
+    "round_prefer_floor": lambda x: np.floor(x) + (x - np.floor(x) > np.float32(0.5)),
+    "round_prefer_ceil": lambda x: np.floor(x) + (x - np.floor(x) >= np.float32(0.5)),
+    "floor": np.floor,
+    "ceil": np.ceil,
+}
+
+
+def _resize(g: TorchGraph, attrs: dict, ins: list[str]):
+    mode = _attr_str(attrs, "mode", "nearest")
+    if mode != "nearest":
+        raise UnsupportedModel(f"Resize mode {mode!r} is not supported by the torch backend (only 'nearest')")
+    transform = _attr_str(attrs, "coordinate_transformation_mode", "half_pixel")
+    if transform not in _RESIZE_COORDINATES:
+        raise UnsupportedModel(f"Resize coordinate_transformation_mode {transform!r} is not supported "
+                               f"by the torch backend")
+    rounding = _attr_str(attrs, "nearest_mode", "round_prefer_floor")
+    if rounding not in _RESIZE_ROUNDING:
+        raise UnsupportedModel(f"Resize nearest_mode {rounding!r} is not supported by the torch backend")
+    for key, default in (("antialias", 0), ("exclude_outside", 0)):
+        if int(attrs.get(key, default)) != default:
+            raise UnsupportedModel(f"Resize {key}={attrs[key]} is not supported by the torch backend")
+    if "axes" in attrs:
+        raise UnsupportedModel("Resize with axes is not supported by the torch backend")
+    if _attr_str(attrs, "keep_aspect_ratio_policy", "stretch") != "stretch":
+        raise UnsupportedModel(f"Resize keep_aspect_ratio_policy "
+                               f"{_attr_str(attrs, 'keep_aspect_ratio_policy', '')!r} is not supported")
+    scales_in = ins[2] if len(ins) > 2 and ins[2] else None
+    sizes_in = ins[3] if len(ins) > 3 and ins[3] else None
+    # an empty scales tensor counts as absent (graphs that give sizes pass an empty scales)
+    if scales_in and scales_in in g.host and g.host[scales_in].size == 0:
+        scales_in = None
+    if (scales_in is None) == (sizes_in is None) or any(n and n not in g.host for n in (scales_in, sizes_in)):
+        raise UnsupportedModel("Resize needs exactly one of constant scales or constant sizes in the torch backend")
+    scales = g.host[scales_in].astype(np.float32) if scales_in else None
+    sizes = g.host[sizes_in].astype(np.int64) if sizes_in else None
+    indices: dict[tuple[int, ...], list] = {}  # input shape -> per axis: device indices, or None (identity)
+
+    def plan(shape: tuple[int, ...]) -> list:
+        rank = len(shape)
+        if len(scales if scales is not None else sizes) != rank:
+            raise RuntimeError(f"Resize: {rank}-d input but {len(scales if scales is not None else sizes)} "
+                               f"scales / sizes")
+        axes = []
+        for axis, n_in in enumerate(shape):
+            if scales is not None:
+                scale = scales[axis]
+                n_out = int(np.floor(scale * np.float32(n_in)))
+            else:
+                n_out = int(sizes[axis])
+                scale = np.float32(n_out) / np.float32(n_in) if n_in else np.float32(1)
+            out = np.arange(n_out, dtype=np.float32)
+            source = _RESIZE_COORDINATES[transform](out, np.float32(scale), n_in, n_out).astype(np.float32)
+            index = np.clip(_RESIZE_ROUNDING[rounding](source), 0, max(n_in - 1, 0)).astype(np.int64)
+            if n_out == n_in and np.array_equal(index, np.arange(n_in)):
+                axes.append(None)
+            else:
+                axes.append(g.torch.from_numpy(index).to(g.device))
+        return axes
+
+    def resize(x, *_):
+        shape = tuple(int(d) for d in x.shape)
+        axes = indices.get(shape)
+        if axes is None:
+            if len(indices) >= 256:
+                indices.clear()  # a graph fed ever new shapes; YuNet sees a few canvases
+            axes = indices[shape] = plan(shape)
+        for axis, index in enumerate(axes):
+            if index is not None:
+                x = x.index_select(axis, index)
+        return x
+    return resize
+
+
 _OPS: dict[str, Callable] = {
     "Add": _binary("add"),
     "Sub": _binary("sub"),
@@ -251,4 +389,8 @@ _OPS: dict[str, Callable] = {
     "Flatten": _flatten,
     "Softmax": _softmax,
     "Transpose": _transpose,
+    "Cast": _cast,
+    "Reshape": _reshape,
+    "Sigmoid": _sigmoid,
+    "Resize": _resize,
 }

@@ -5,7 +5,7 @@
     backend = TritonBackend("localhost:8001", shared_memory="system")       # same node: tensors via /dev/shm
     out = backend.run("face_embedder", {"chips": chips})                    # same contract as onnxruntime
 
-At start the server must be live and ready and the core models (detector stages, embedder) ready,
+At start the server must be live and ready and the core models (detectors, embedder) ready,
 else BackendError says which and why (waiting up to `wait_s` for a server that is still loading).
 Inputs are cast to the datatype the server declares for them (the same rule as the in-process
 backend), batches larger than a model's max_batch_size are split, and every thread gets its own
@@ -37,7 +37,8 @@ log = logging.getLogger(__name__)
 
 PROTOCOLS = ("grpc", "http")
 SHARED_MEMORY = ("none", "system", "cuda")
-CORE_MODELS = ("face_detector_pnet", "face_detector_rnet", "face_detector_onet", "face_embedder")
+# checked at start: MTCNN's stages, YuNet (the default detector) and the embedder; every build has them
+CORE_MODELS = ("face_detector_pnet", "face_detector_rnet", "face_detector_onet", "face_detector_yunet", "face_embedder")
 _MIN_REGION = 1 << 16
 _SHAPE_CACHE_MAX = 4096
 
