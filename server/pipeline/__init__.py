@@ -31,7 +31,9 @@ class Face:
 
     box: tuple[int, int, int, int]  # x_min, y_min, x_max, y_max
     probability: float
-    landmarks: np.ndarray  # (5, 2) MTCNN points: left eye, right eye, nose, mouth left, mouth right
+    # (5, 2) the detector's points, CompreFace's order: image-left eye, image-right eye, nose, mouth
+    # corner on the image's left, on its right
+    landmarks: np.ndarray
     embedding: np.ndarray | None = None  # (128,) raw dlib descriptor, not normalised
     # (5, 2) dlib 5-point shape the embedder's chip was cut from (set with the embedding); the age
     # and gender plugins cut their chips from it (PluginRegistry.face_shapes fills it when unset)
@@ -84,9 +86,10 @@ class FacePipeline:
         `pad_retry` x its longest side on every side (black), with the results mapped back; then,
         when configured, the MMOD fallback (detect_fallback).
 
-        Neither detector sees a face well that fills the whole image: MTCNN's pyramid stops when the image is 12 px at
-        P-Net's scale, and a face that fills a tight crop (the kind of photo people enrol) is cut
-        off on every side. The padding gives such a face room; images with a face found the first
+        Neither detector sees a face well that fills the whole image: MTCNN's pyramid stops when the
+        image is 12 px at P-Net's scale, so a face that fills a tight crop (the kind of photo people
+        enrol) is cut off on every side, and YuNet learnt faces with surroundings. The padding gives
+        such a face room; images with a face found the first
         time cost nothing more. Boxes may then extend past the image (the API clips them)."""
         det = self.detector.detect(image)
         if _passes(det, det_prob_threshold):
@@ -105,8 +108,8 @@ class FacePipeline:
         return det
 
     def detect_fallback(self, image: np.ndarray) -> "Detections":
-        """dlib's CNN MMOD detector (FR_DETECT_FALLBACK=mmod), for when MTCNN finds no face: it sees
-        faces MTCNN misses (profiles, heavy pose), at a cost (~0.1-0.7 s for a 640x480 photo).
+        """dlib's CNN MMOD detector (FR_DETECT_FALLBACK=mmod), for when the detector finds no face: it sees
+        faces the detectors miss (profiles, heavy pose), at a cost (~0.1-0.7 s for a 640x480 photo).
 
         Its rects go to the shape predictor as they are (dlib's own pipeline); the landmarks are
         MTCNN-style points placed by the 5-point shape (alignment.mtcnn_points), and the
@@ -206,7 +209,7 @@ def _passes(det: "Detections", threshold: float) -> bool:
 
 
 def _int_boxes(boxes: np.ndarray, width: int, height: int) -> np.ndarray:
-    """Float MTCNN boxes -> integer pixel boxes clipped to the image."""
+    """Float detector boxes -> integer pixel boxes clipped to the image."""
     out = np.rint(boxes).astype(np.int64).reshape(-1, 4)
     out[:, [0, 2]] = np.clip(out[:, [0, 2]], 0, width - 1)
     out[:, [1, 3]] = np.clip(out[:, [1, 3]], 0, height - 1)
