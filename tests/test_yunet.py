@@ -199,3 +199,22 @@ def test_obama_enrols_with_yunet_not_with_mtcnn(servers, facedata):
         codes[name] = (r.status_code, r.json().get("code"))
     assert codes["yunet"][0] == 201
     assert codes["mtcnn"] == (400, 31)  # "More than one face", as CompreFace's facenet build answers
+
+
+def test_face_filling_a_tight_crop_is_found_without_the_padded_retry(yunet_pipeline):
+    """MTCNN needs the padded retry for a face cropped inside its own box; YuNet finds it at once
+    (the crop is enlarged 2x onto a black canvas), with the same person's descriptor."""
+    from server.pipeline import FacePipeline
+
+    img = astronaut()
+    full = yunet_pipeline.faces(img)[0]
+    no_retry = FacePipeline(yunet_pipeline.backend, yunet_pipeline.shape_predictor, yunet_pipeline.detector,
+                            pad_retry=0.0)
+    x0, y0, x1, y1 = full.box
+    unit = lambda v: v / np.linalg.norm(v)  # noqa: E731
+    for frac in (0.0, 0.075, 0.15):
+        dx, dy = round(frac * (x1 - x0)), round(frac * (y1 - y0))
+        crop = np.ascontiguousarray(img[y0 + dy:y1 - dy, x0 + dx:x1 - dx])
+        (face,) = no_retry.faces(crop)
+        assert face.probability > 0.95
+        assert np.linalg.norm(unit(face.embedding) - unit(full.embedding)) < 0.3  # dlib's threshold is 0.6
