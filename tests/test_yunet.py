@@ -175,6 +175,7 @@ def test_api_says_which_detector_ran(servers, name):
     with srv.client() as c:
         ready = c.get("/ready").json()
         assert ready["detector"] == name
+        assert ready["plugins"]["landmarks"]["version"] == f"{name}.LandmarksDetector"
         metrics = c.get("/metrics").text
         assert f'facerec_detector_info{{detector="{name}"}} 1.0' in metrics
         r = c.post("/api/v1/detection/detect", params={"face_plugins": "landmarks", "status": "true"},

@@ -421,6 +421,8 @@ class PluginRegistry:
 
     def __post_init__(self) -> None:
         for name, version in BUILTIN_VERSIONS.items():
+            if name == "landmarks":  # the detector's own points
+                version = f"{self.settings.detector}.LandmarksDetector"
             self.states[name] = PluginState(True, version)
         for plugin in MODEL_PLUGINS:
             path = Path(self.settings.model_dir) / MODEL_NAMES[plugin] / "1" / "model.onnx"
