@@ -65,7 +65,10 @@ class FacePipeline:
         if settings.detector not in DETECTORS:
             raise ValueError(f"detector must be one of {DETECTORS}, not {settings.detector!r}")
         backend = backend or create_backend(settings)
+        from server.pipeline._kernels import warm_up
+
         sp = ShapePredictor.load(Path(settings.model_dir) / SHAPE_PREDICTOR_FILE)
+        warm_up(sp)  # the alignment loops compile now, not in the first request
         det = create_detector(settings, backend)
         if settings.detect_fallback not in FALLBACKS:
             raise ValueError(f"detect_fallback must be one of {FALLBACKS}, not {settings.detect_fallback!r}")

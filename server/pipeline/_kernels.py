@@ -4,7 +4,9 @@ They replay, value for value, the numpy code they replaced (and so dlib): the sa
 float64 operations in the same order. What they save is numpy's per-call overhead on small arrays
 (a 5-point cascade is 15 levels x 500 trees of depth 4 on 800 pixels; a chip 150 x 150 pixels) and
 the GIL: they run with it released, so the requests' threads align faces side by side while
-the models run. Compiled on first use and cached beside this file (numba's `cache=True`).
+the models run. Compiled on first use (~1.6 s; `warm_up`, which the pipeline calls when it loads, so
+that no request pays it) and cached beside this file or in the user's cache directory (numba's
+`cache=True`); where neither can be written, compiled anew in each process.
 """
 from __future__ import annotations
 
@@ -14,7 +16,14 @@ import numpy as np
 from numba import njit
 
 
-@njit(cache=True, nogil=True)
+def _compiled(fn):
+    try:
+        return njit(cache=True, nogil=True)(fn)
+    except RuntimeError:  # numba found nowhere to write its cache (read-only install and home)
+        return njit(nogil=True)(fn)
+
+
+@_compiled
 def predict_shapes(image, rects, initial, init_centred, init_sigma, anchor_idx, delta_x, delta_y,
                    split_idx1, split_idx2, thresh, leaves, depth):  # pragma: no cover - compiled
     """(n, parts, 2) float64 dlib landmarks (rounded) of n rects (left, top, right, bottom).
@@ -97,7 +106,7 @@ def predict_shapes(image, rects, initial, init_centred, init_sigma, anchor_idx, 
     return out
 
 
-@njit(cache=True, nogil=True)
+@_compiled
 def sample_bilinear(src, m00, m01, m10, m11, b0, b1, rows, cols, top0, left0, h, w):  # pragma: no cover
     """dlib transform_image with interpolate_bilinear over the window (top0, left0, h, w) of src
     (H, W, C) uint8: truncated values, 0 unless the whole 2x2 cell is inside. (rows, cols, C) uint8."""
@@ -126,3 +135,11 @@ def sample_bilinear(src, m00, m01, m10, m11, b0, b1, rows, cols, top0, left0, h,
                 val = (1 - tb) * (one_lr * tl + lr * tr) + tb * (one_lr * bl + lr * br)
                 out[r, c, ch] = np.uint8(val)
     return out
+
+
+def warm_up(predictor) -> None:
+    """Compile (or load from numba's cache) both loops for the arrays the pipeline passes."""
+    from server.pipeline.alignment import face_chips
+
+    image = np.zeros((16, 16, 3), np.uint8)
+    face_chips(image, predictor.predict_many(image, [(2, 2, 13, 13)]))

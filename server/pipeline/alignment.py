@@ -109,7 +109,7 @@ class ShapePredictor:
         rect_arr = np.ascontiguousarray(np.asarray(rects, dtype=np.float64).reshape(-1, 4))
         if rect_arr.shape[0] == 0:
             return np.zeros((0, self.n_parts, 2), np.float64)
-        img = image if image.ndim == 3 else image[:, :, None]
+        img = np.ascontiguousarray(image if image.ndim == 3 else image[:, :, None])  # one compiled signature
         return predict_shapes(img, rect_arr, self._initial_flat, self._init_centred, self._init_sigma,
                               self.anchor_idx, self.delta_x, self.delta_y, self.split_idx1, self.split_idx2,
                               self.thresh, self.leaves, self.depth)
@@ -519,8 +519,7 @@ def _sample_bilinear(src: np.ndarray, m: np.ndarray, b: np.ndarray, rows: int, c
     from server.pipeline._kernels import sample_bilinear
 
     h, w = size if size is not None else src.shape[:2]
-    if src.ndim == 2:
-        src = src[:, :, None]
+    src = np.ascontiguousarray(src if src.ndim == 3 else src[:, :, None])  # one compiled signature
     if h < 2 or w < 2:  # no 2x2 cell at all (e.g. a pyramid level of a sliver of image)
         return np.zeros((rows, cols, src.shape[2]), np.uint8)
     top0, left0 = origin
