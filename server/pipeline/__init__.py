@@ -62,8 +62,7 @@ class FacePipeline:
     def from_settings(cls, settings: Settings, backend: Backend | None = None) -> "FacePipeline":
         from server.backends import create_backend
         from server.pipeline.alignment import ShapePredictor
-        if settings.detector not in DETECTORS:
-            raise ValueError(f"detector must be one of {DETECTORS}, not {settings.detector!r}")
+        detector_class(settings.detector)  # an unknown name is refused before anything loads
         backend = backend or create_backend(settings)
         from server.pipeline._kernels import warm_up
 
@@ -156,8 +155,8 @@ class FacePipeline:
             t1 = time.perf_counter()
             from server.pipeline.alignment import face_chips
 
-            if det.rects is None:  # dlib-exact alignment: the detector's boxes and points re-mapped to dlib's rects
-                rects = [self.detector.dlib_rect(b, m) for b, m in zip(boxes[order], marks[order])]
+            if det.rects is None:  # dlib-exact alignment: the detections re-mapped to dlib's rects
+                rects = self.dlib_rects(boxes[order], marks[order])
             else:  # the fallback's dlib rects go to the predictor as they are
                 rects = [tuple(int(v) for v in r) for r in det.rects[keep][order]]
             face_shapes = self.shape_predictor.predict_many(image, rects)
@@ -169,14 +168,14 @@ class FacePipeline:
                 timings["calculator"] = (time.perf_counter() - t1) * 1000.0
         return faces
 
-    def embed_faces(self, image: np.ndarray, boxes: np.ndarray, landmarks: np.ndarray) -> np.ndarray:
-        """dlib-exact alignment of detections (re-map -> 5-point predictor -> chip), one embedder batch."""
-        return self.embed_chips(self.face_chips(image, boxes, landmarks))
+    def dlib_rects(self, boxes: np.ndarray, landmarks: np.ndarray) -> list[tuple[int, int, int, int]]:
+        """The rects dlib's HOG detector would give for these detections (the detector's own
+        fitted mapping, `dlib_rect`): where the 5-point shape predictor starts."""
+        return [self.detector.dlib_rect(b, m) for b, m in zip(boxes, landmarks)]
 
     def face_chips(self, image: np.ndarray, boxes: np.ndarray, landmarks: np.ndarray) -> np.ndarray:
-        """(n,150,150,3) dlib chips of detections: each box and its 5 points re-mapped to the rect
-        dlib's HOG detector would give (the detector's own fitted mapping, `dlib_rect`), then align()."""
-        return self.align(image, [self.detector.dlib_rect(b, m) for b, m in zip(boxes, landmarks)])
+        """(n,150,150,3) dlib chips of detections: dlib_rects(), then align()."""
+        return self.align(image, self.dlib_rects(boxes, landmarks))
 
     def align(self, image: np.ndarray, rects) -> np.ndarray:
         """(n,150,150,3) chips of dlib rects (left, top, right, bottom): 5-point predictor, chip warp."""
@@ -196,15 +195,25 @@ class FacePipeline:
         return self.embed_chips(chip[None])[0]
 
 
-def create_detector(settings: Settings, backend: Backend):
-    """The detector FR_DETECTOR names, over `backend`."""
-    if settings.detector == "mtcnn":
+def detector_class(name: str) -> type:
+    """The detector class FR_DETECTOR names ('yunet' or 'mtcnn')."""
+    if name not in DETECTORS:
+        raise ValueError(f"detector must be one of {DETECTORS}, not {name!r}")
+    if name == "mtcnn":
         from server.pipeline.detector import MtcnnDetector
 
-        return MtcnnDetector(backend, min_face_size=settings.min_face_size, max_side=settings.max_detect_side)
+        return MtcnnDetector
     from server.pipeline.yunet import YunetDetector
 
-    return YunetDetector(backend, max_side=settings.max_detect_side, max_upscale=settings.detect_max_upscale)
+    return YunetDetector
+
+
+def create_detector(settings: Settings, backend: Backend):
+    """The detector FR_DETECTOR names, over `backend`."""
+    cls = detector_class(settings.detector)
+    if settings.detector == "mtcnn":
+        return cls(backend, min_face_size=settings.min_face_size, max_side=settings.max_detect_side)
+    return cls(backend, max_side=settings.max_detect_side, max_upscale=settings.detect_max_upscale)
 
 
 def _passes(det: "Detections", threshold: float) -> bool:

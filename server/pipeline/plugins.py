@@ -509,13 +509,11 @@ class PluginRegistry:
             res[slot.plugin] = value
             res["execution_time"][slot.plugin] = share_ms
 
-
     def face_shapes(self, image: np.ndarray, faces: Sequence["Face"]) -> np.ndarray:
         """(n, 5, 2) dlib 5-point shapes: the pipeline's (Face.shape, set where it embeds), else
         predicted now (and kept on the face, so a request's age and gender share one prediction)
-        from the rect dlib's detector would give for the face (the detector's own mapping: YuNet's
-        points, yunet.landmarks_to_rect, or MTCNN's box, alignment.mtcnn_box_to_rect; the pipeline's
-        own comes from the unclipped detector box, so ask it: faces(shapes=True)); a face
+        from the rect dlib's detector would give for the face (dlib_rect_for; the pipeline's own
+        comes from the unclipped detector box, so ask it: faces(shapes=True)); a face
         without landmarks (detect_faces=false: the whole image) uses its whole box, as dlib's
         pipeline does for a face crop."""
         missing = [f for f in faces if getattr(f, "shape", None) is None]
@@ -536,14 +534,11 @@ class PluginRegistry:
 
 
 def dlib_rect_for(detector: str, face: "Face") -> tuple[int, int, int, int]:
-    """The rect dlib's HOG detector would give for a face found by `detector` (FR_DETECTOR)."""
-    if detector == "mtcnn":
-        from server.pipeline.alignment import mtcnn_box_to_rect
+    """The rect dlib's HOG detector would give for a face found by `detector` (FR_DETECTOR): the
+    detector's own mapping (its `dlib_rect`), as the pipeline applies it."""
+    from server.pipeline import detector_class
 
-        return mtcnn_box_to_rect(face.box)
-    from server.pipeline.yunet import landmarks_to_rect
-
-    return landmarks_to_rect(face.landmarks)
+    return detector_class(detector).dlib_rect(face.box, face.landmarks)
 
 
 def _has_landmarks(landmarks) -> bool:
