@@ -357,6 +357,52 @@ def calibrate_yunet(detector, facedata: Path, knots=None) -> dict:
             "probabilities": [round(float(p), 4) for p in probs], "bins": rows}
 
 
+def fit_yunet_rect(pipeline, reference: dict, facedata: Path) -> dict:
+    """Refit yunet.landmarks_to_rect's constants on dlib's reference faces and measure the result.
+
+    Each reference face (dlib's HOG rect) is matched to the YuNet detection with the largest IoU
+    (>= 0.3); the constants are the medians of the rect's centre offset from the eye centre and of
+    its side, in units of the eye-centre-to-mouth-centre distance. Then the descriptor of each face
+    aligned from the fitted rect is compared with dlib's own (reference["descriptor"])."""
+    from server.imaging import decode_image
+    from server.pipeline.yunet import landmarks_to_rect
+
+    rows, images = [], {}
+    for i, source in enumerate(reference["source"]):
+        source = str(source)
+        if source not in images:
+            if source.startswith("skimage"):
+                from skimage.data import astronaut
+
+                images[source] = astronaut()
+            else:
+                images[source] = decode_image((facedata / source).read_bytes())
+        img = images[source]
+        det = pipeline.detector.detect(img)
+        if len(det) == 0:
+            continue
+        rect = reference["rect"][i].astype(np.float64)
+        overlap = iou(rect[None], det.boxes.astype(np.float64))[0]
+        j = int(np.argmax(overlap))
+        if overlap[j] >= 0.3:
+            rows.append((i, img, det.landmarks[j].astype(np.float64), rect))
+    marks = np.stack([r[2] for r in rows])
+    rects = np.stack([r[3] for r in rows])
+    eyes = (marks[:, 0] + marks[:, 1]) / 2
+    unit = np.linalg.norm((marks[:, 3] + marks[:, 4]) / 2 - eyes, axis=1)
+    dx = float(np.median(((rects[:, 0] + rects[:, 2]) / 2 - eyes[:, 0]) / unit))
+    dy = float(np.median(((rects[:, 1] + rects[:, 3]) / 2 - eyes[:, 1]) / unit))
+    side = float(np.median((rects[:, 2] - rects[:, 0]) / unit))
+    def distances(**constants) -> dict:
+        d = np.array([np.linalg.norm(pipeline.embed_chips(pipeline.align(img, [landmarks_to_rect(m, **constants)]))[0]
+                                     - reference["descriptor"][i]) for i, img, m, _ in rows])
+        return {"mean": float(d.mean()), "p95": float(np.percentile(d, 95)), "max": float(d.max())}
+
+    return {"faces": int(len(reference["source"])), "matched": len(rows), "dx": dx, "dy": dy, "side": side,
+            "descriptor_distance": distances(dx=dx, dy=dy, side=side),  # with the refitted constants
+            "descriptor_distance_in_use": distances()}  # with yunet.RECT_DX / RECT_DY / RECT_SIDE
+
+
 # ---------------------------------------------------------------- report
 
 
@@ -428,6 +474,24 @@ def run_calibration(args: argparse.Namespace) -> dict:
     return report
 
 
+def run_rect_fit(args: argparse.Namespace) -> dict:
+    from server.backends import create_backend
+    from server.models.repository import ensure_built
+    from server.pipeline import FacePipeline
+
+    settings = Settings.from_env(model_dir=args.model_dir, batching=False, detector="yunet")
+    ensure_built(settings.model_dir)
+    pipeline = FacePipeline.from_settings(settings, backend=create_backend(settings))
+    reference = dict(np.load(Path(args.reference), allow_pickle=False))
+    report = fit_yunet_rect(pipeline, reference, Path(args.facedata))
+    print(f"# YuNet points -> dlib rect, fitted on {report['matched']} of {report['faces']} reference faces\n")
+    print(f"RECT_DX, RECT_DY, RECT_SIDE = {report['dx']:.4f}, {report['dy']:.4f}, {report['side']:.4f}")
+    for label, key in (("these constants", "descriptor_distance"), ("the constants in use", "descriptor_distance_in_use")):
+        d = report[key]
+        print(f"descriptor distance to dlib's with {label}: mean {d['mean']:.4f}, p95 {d['p95']:.4f}, max {d['max']:.4f}")
+    return report
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["age-gender"]:  # gender accuracy and ages on the dev photos (server/bench_age_gender.py)
@@ -453,11 +517,15 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--facedata", default=str(DEFAULT_FACEDATA))
     c.add_argument("--model-dir", default=None)
     c.add_argument("--out", help="also write the report as JSON")
+    f = sub.add_parser("yunet-rect-fit", help="YuNet's points -> dlib's rect: refit RECT_DX/DY/SIDE on dlib's "
+                       "reference faces, and the descriptors' distance to dlib's")
+    f.add_argument("--facedata", default=str(DEFAULT_FACEDATA))
+    f.add_argument("--reference", default=str(DEFAULT_FACEDATA.parents[1] / "reference" / "dlib_reference_faces.npz"))
+    f.add_argument("--model-dir", default=None)
+    f.add_argument("--out", help="also write the report as JSON")
     args = parser.parse_args(argv)
-    if args.what == "yunet-calibration":
-        report = run_calibration(args)
-    else:
-        report = run_pipeline_bench(args)
+    runs = {"yunet-calibration": run_calibration, "yunet-rect-fit": run_rect_fit}
+    report = runs.get(args.what, run_pipeline_bench)(args)
     if args.out:
         Path(args.out).write_text(json.dumps(report, indent=2, default=float))
     return 0

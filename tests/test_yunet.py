@@ -11,7 +11,7 @@ from skimage.data import astronaut
 from server.config import Settings
 from server.imaging import decode_image
 from server.pipeline.yunet import (
-    CALIBRATION_PROBS, CALIBRATION_SCORES, CANVASES, YunetDetector, calibrate, canvas_for, landmarks_to_rect,
+    CALIBRATION_PROBS, CALIBRATION_SCORES, CANVASES, YunetDetector, calibrate, landmarks_to_rect,
 )
 from tests.api_server import encode, live_server
 
@@ -44,7 +44,7 @@ def test_letterbox_canvases_and_mapping_back(yunet):
         canvas = np.zeros((h, w, 3), np.uint8)
         canvas[y:y + 512, x:x + 512] = img
         lb = yunet.letterbox(canvas)
-        assert lb.canvas.shape[:2] == canvas_for(h, w, max_upscale=yunet.max_upscale)
+        assert lb.canvas.shape[:2] == yunet.canvas_for(h, w)
         assert lb.canvas.shape[:2] in CANVASES
         det = yunet.detect(canvas)
         assert len(det) >= 1

@@ -90,25 +90,27 @@ class YunetDetector:
         return self.detect_batch([image])[0]
 
     def detect_batch(self, images: list[np.ndarray]) -> list[Detections]:
+        return [self._finish(raw) for raw in self._raw_batch(images)]
+
+    def raw_scores(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(boxes in image pixels, raw scores) after NMS, before calibration (for calibrating)."""
+        (boxes, scores, _), scale = self._raw_batch([image])[0]
+        return boxes / _F32(scale), scores
+
+    def _raw_batch(self, images: list[np.ndarray]) -> list[tuple[tuple[np.ndarray, np.ndarray, np.ndarray], float]]:
+        """Per image: decode()'s canvas-pixel boxes, raw scores and points, and its letterbox scale.
+        Images of one canvas size share one network call."""
         boxes = [self.letterbox(img) for img in images]
         groups: dict[tuple[int, int], list[int]] = {}
         for i, lb in enumerate(boxes):
             groups.setdefault(lb.canvas.shape[:2], []).append(i)
-        results: list[Detections | None] = [None] * len(images)
+        results: list = [None] * len(images)
         for size, members in groups.items():
             batch = np.stack([boxes[i].canvas for i in members])
             out = self.backend.run(MODEL_NAME, {INPUT_NAME: batch})
             for k, i in enumerate(members):
-                raw = self.decode({name: v[k] for name, v in out.items()}, size)
-                results[i] = self._finish(raw, boxes[i].scale)
-        return results  # type: ignore[return-value]
-
-    def raw_scores(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(boxes in image pixels, raw scores) after NMS, before calibration (for calibrating)."""
-        lb = self.letterbox(image)
-        out = self.backend.run(MODEL_NAME, {INPUT_NAME: lb.canvas[None]})
-        b, s, _ = self.decode({name: v[0] for name, v in out.items()}, lb.canvas.shape[:2])
-        return b / _F32(lb.scale), s
+                results[i] = (self.decode({name: v[k] for name, v in out.items()}, size), boxes[i].scale)
+        return results
 
     @staticmethod
     def dlib_rect(box: Sequence[float], landmarks: np.ndarray) -> tuple[int, int, int, int]:
@@ -120,17 +122,29 @@ class YunetDetector:
         if not isinstance(image, np.ndarray) or image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
             raise ValueError("expected an HxWx3 uint8 RGB image")
         h, w = image.shape[:2]
-        scale = min(self.max_upscale, self.max_side / max(h, w))
+        (ph, pw), scale = self._scaled_size(h, w)
         pixels = np.ascontiguousarray(image)
-        if scale != 1.0:
-            size = (max(1, round(w * scale)), max(1, round(h * scale)))
-            pixels = cv2.resize(pixels, size, interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
-            scale = size[0] / w if w >= h else size[1] / h
-        ph, pw = pixels.shape[:2]
-        ch, cw = next(((ch, cw) for ch, cw in self.canvases if ph <= ch and pw <= cw), self.canvases[-1])
+        if (ph, pw) != (h, w):
+            interpolation = cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR
+            pixels = cv2.resize(pixels, (pw, ph), interpolation=interpolation)
+        ch, cw = self.canvas_for(h, w)
         canvas = np.zeros((ch, cw, 3), np.uint8)
         canvas[:ph, :pw] = pixels[:ch, :cw]
         return Letterbox(canvas, scale)
+
+    def _scaled_size(self, h: int, w: int) -> tuple[tuple[int, int], float]:
+        """An image's (height, width) on its canvas, and the scale (canvas pixels per image pixel)."""
+        scale = min(self.max_upscale, self.max_side / max(h, w))
+        if scale == 1.0:
+            return (h, w), 1.0
+        ph, pw = max(1, round(h * scale)), max(1, round(w * scale))
+        return (ph, pw), (pw / w if w >= h else ph / h)
+
+    def canvas_for(self, height: int, width: int) -> tuple[int, int]:
+        """The canvas (height, width) an image of this size is letterboxed into: the smallest that holds
+        it once scaled, else the largest (the image is then cut to it)."""
+        (ph, pw), _ = self._scaled_size(height, width)
+        return next(((ch, cw) for ch, cw in self.canvases if ph <= ch and pw <= cw), self.canvases[-1])
 
     def _grid(self, size: tuple[int, int]) -> list[np.ndarray]:
         """Per stride: (A, 2) float32 cell (column, row) of each anchor, row-major."""
@@ -173,8 +187,8 @@ class YunetDetector:
         keep = keep[np.argsort(-scores[keep], kind="stable")]
         return boxes[keep], scores[keep], marks[keep]
 
-    def _finish(self, raw: tuple[np.ndarray, np.ndarray, np.ndarray], scale: float) -> Detections:
-        boxes, scores, marks = raw
+    def _finish(self, raw: tuple[tuple[np.ndarray, np.ndarray, np.ndarray], float]) -> Detections:
+        (boxes, scores, marks), scale = raw
         if len(scores) == 0:
             return Detections.empty()
         inv = _F32(1.0 / scale)
@@ -188,8 +202,10 @@ class YunetDetector:
 # YuNet's five points -> the rect dlib's HOG detector gives for the face (the 5-point shape predictor's
 # start): centre = eye centre + (DX, DY) x the eye-centre-to-mouth-centre distance, side = SIDE x that
 # distance. Median ratios over the 298 of dlib's 302 reference faces (../shared/reference) that YuNet
-# finds; descriptors then lie 0.074 from dlib's own on average (p95 0.23), against 0.080 for a box-only
-# mapping and 0.074 for a 44-parameter linear fit (`python -m server.bench yunet-fit`).
+# finds, fitted before small images were enlarged 2x (a box-only mapping gave 0.080 there, a 44-parameter
+# linear fit of box and points 0.074, these 0.074). `python -m server.bench yunet-rect-fit` refits them
+# and measures: with these, descriptors lie 0.069 from dlib's own on average (p95 0.245); refitted
+# today (-0.020, 0.494, 2.261), 0.067 (p95 0.208). The similarity coefficients were fitted with these.
 RECT_DX, RECT_DY, RECT_SIDE = -0.0332, 0.4571, 2.2842
 
 
@@ -205,11 +221,3 @@ def landmarks_to_rect(landmarks: np.ndarray, dx: float = RECT_DX, dy: float = RE
     return (int(math.floor(cx - half + 0.5)), int(math.floor(cy - half + 0.5)),
             int(math.floor(cx + half + 0.5)), int(math.floor(cy + half + 0.5)))
 
-
-def canvas_for(height: int, width: int, max_side: int = 640, max_upscale: float = 1.0,
-               canvases: Sequence[tuple[int, int]] = CANVASES) -> tuple[int, int]:
-    """The canvas an image of this size is letterboxed into (for tests and tools)."""
-    scale = min(max_upscale, max_side / max(height, width))
-    h, w = math.floor(height * scale + 0.5), math.floor(width * scale + 0.5)
-    ordered = sorted(canvases, key=lambda c: (c[0] * c[1], c))
-    return next(((ch, cw) for ch, cw in ordered if h <= ch and w <= cw), ordered[-1])
