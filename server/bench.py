@@ -236,16 +236,18 @@ def iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return inter / np.maximum(area(a)[:, None] + area(b)[None, :] - inter, 1e-9)
 
 
-def greedy_matches(gt: np.ndarray, det: np.ndarray, thr: float) -> int:
+def greedy_match(gt: np.ndarray, det: np.ndarray, thr: float) -> list[int]:
+    """Indices of the detections matched to a ground-truth box: pairs taken by descending IoU, each
+    box and detection once, while the IoU is >= thr."""
     if len(gt) == 0 or len(det) == 0:
-        return 0
+        return []
     m = iou(gt, det)
-    matched = 0
+    matched = []
     while True:
         i, j = np.unravel_index(np.argmax(m), m.shape)
         if m[i, j] < thr:
             return matched
-        matched += 1
+        matched.append(int(j))
         m[i, :] = -1
         m[:, j] = -1
 
@@ -270,7 +272,7 @@ def bench_detection(pipeline, facedata: Path, threshold: float) -> dict:
             n_gt += len(g)
             n_det += len(det)
             for thr in tp:
-                tp[thr] += greedy_matches(g, det, thr)
+                tp[thr] += len(greedy_match(g, det, thr))
         elif info.get("face_count") is not None and info.get("face_count") > 0:
             count_n += 1
             count_err.append(abs(len(faces) - info["face_count"]))
@@ -322,11 +324,7 @@ def labelled_detections(detector, facedata: Path, iou_thr: float = 0.4) -> tuple
             continue
         lab = np.zeros(len(raw), np.int64)
         if info.get("boxes"):
-            m = iou(np.array(info["boxes"], float).reshape(-1, 4), boxes.astype(float))
-            while m.size and m.max() >= iou_thr:
-                i, j = np.unravel_index(np.argmax(m), m.shape)
-                lab[j] = 1
-                m[i, :], m[:, j] = -1, -1
+            lab[greedy_match(np.array(info["boxes"], float).reshape(-1, 4), boxes.astype(float), iou_thr)] = 1
         elif count > 0:
             lab[np.argsort(-raw, kind="stable")[:count]] = 1
         scores.append(raw), labels.append(lab)

@@ -49,7 +49,8 @@ def predict_shapes(image, rects, initial, init_centred, init_sigma, anchor_idx, 
         for j in range(2 * parts):
             cur[j] = initial[j]
         for level in range(levels):
-            # similarity initial -> current (its 2x2 part), as ShapePredictor._tform
+            # the 2x2 part of dlib's similarity initial -> current, in closed form: it equals dlib's
+            # Umeyama/SVD result (a rotation times a scale) up to the last bits, which float32 absorbs
             mx = 0.0
             my = 0.0
             for k in range(parts):

@@ -79,25 +79,6 @@ class ShapePredictor:
         """(5,2) float64 landmarks for one face; values are dlib's rounded integer pixels."""
         return self.predict_many(image, [rect])[0]
 
-    def _tform(self, current: np.ndarray) -> np.ndarray:
-        """2x2 part of dlib's similarity initial_shape -> current, cast to float32: (n,2,2).
-
-        The closed form of the 2-D least-squares similarity equals dlib's Umeyama/SVD
-        result (a proper rotation times a scale) up to the last bits, which the float32
-        cast absorbs.
-        """
-        cur = current.astype(np.float64)
-        tc = cur - cur.mean(axis=1, keepdims=True)
-        fc = self._init_centred
-        a = (tc[..., 0] @ fc[:, 0] + tc[..., 1] @ fc[:, 1]) / self._init_sigma
-        b = (tc[..., 1] @ fc[:, 0] - tc[..., 0] @ fc[:, 1]) / self._init_sigma
-        m = np.empty((len(cur), 2, 2), np.float32)
-        m[:, 0, 0] = a
-        m[:, 0, 1] = -b
-        m[:, 1, 0] = b
-        m[:, 1, 1] = a
-        return m
-
     def predict_many(self, image: np.ndarray, rects: Sequence[Sequence[int]]) -> np.ndarray:
         """(n,5,2) float64 landmarks for n rects (left, top, right, bottom) in one image.
 
@@ -514,7 +495,8 @@ def _sample_bilinear(src: np.ndarray, m: np.ndarray, b: np.ndarray, rows: int, c
     """dlib transform_image with interpolate_bilinear: truncated values, 0 unless the 2x2 cell is inside.
 
     Coordinates are relative to the window of `src` at origin (top, left) of shape `size`
-    (default: all of src), so a crop never has to be copied.
+    (default: all of src), so a crop of a C-contiguous image is never copied (other layouts are,
+    once, so that the compiled loop has one signature).
     """
     from server.pipeline._kernels import sample_bilinear
 
