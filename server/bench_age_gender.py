@@ -20,8 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
+from server.bench import DEFAULT_FACEDATA
+
 ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_FACEDATA = ROOT.parent / "shared" / "facedata" / "dev"
 DEFAULT_LABELS = ROOT / "tests" / "data" / "dev_gender.csv"
 
 
@@ -50,19 +51,21 @@ def evaluate(pipeline, registry, facedata: Path, photos: list[tuple[str, str, st
     from server.pipeline.alignment import face_chips
 
     rows = []
-    age_slot = registry.slots.get("age")
+    age_slot = registry.slots["age"]  # main() checked that age and gender are installed
     for rel, identity, label in photos:
         image = decode_image((facedata / rel).read_bytes())
         faces = pipeline.faces(image, embed=False, shapes=True, limit=1)
         row = {"file": rel, "identity": identity, "label": label, "predicted": None}
         if faces:
-            (res,) = registry.run(image, faces, ["age", "gender"])
-            row.update(predicted=res["gender"]["value"], p_gender=res["gender"]["probability"],
-                       age=(res["age"]["low"], res["age"]["high"]), p_age=res["age"]["probability"])
-            if age_slot is not None:
-                chips = face_chips(image, registry.face_shapes(image, faces), age_slot.size_hw[0], age_slot.chip_padding)
-                probs = registry.backend.run(age_slot.model_name, {age_slot.input_name: chips})[age_slot.output]
-                row["expected_age"] = float(expected_age(probs)[0])
+            (res,) = registry.run(image, faces, ["gender"])
+            row.update(predicted=res["gender"]["value"], p_gender=res["gender"]["probability"])
+            # the age model once: its per-year probabilities give both the plugin's answer (the slot's
+            # own decode) and the expected age
+            chips = face_chips(image, registry.face_shapes(image, faces), age_slot.size_hw[0], age_slot.chip_padding)
+            probs = registry.backend.run(age_slot.model_name, {age_slot.input_name: chips})[age_slot.output]
+            (age,) = age_slot.decode(probs)
+            row.update(age=(age["low"], age["high"]), p_age=age["probability"],
+                       expected_age=float(expected_age(probs)[0]))
         rows.append(row)
     judged = [r for r in rows if r["predicted"]]
     errors = [r for r in judged if r["predicted"] != r["label"]]
