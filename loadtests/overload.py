@@ -22,7 +22,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from loadtests.images import face_images, multipart
-from loadtests.server import LocalServer
+from tests.support.local_server import LocalServer
 
 DETECT = "/api/v1/detection/detect"
 TIMEOUT_S = 30.0

@@ -23,7 +23,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from loadtests.server import ROOT, LocalServer, create_key_admin, create_key_cli
+from tests.support.local_server import ROOT, LocalServer, create_key_admin, create_key_cli
 
 LOCUSTFILE = Path(__file__).resolve().parent / "locustfile.py"
 KEY_TYPES = ("recognition", "detection", "verification")

@@ -3,7 +3,7 @@
 #
 #   scripts/postgres_ci.sh          # as root on Debian/Ubuntu: apt-get install postgresql if missing
 #
-# The tests start their own throw-away server (tests/pg_cluster.py: initdb in a temp dir, run as the
+# The tests start their own throw-away server (tests/support/pg_cluster.py: initdb in a temp dir, run as the
 # `postgres` user when root, 127.0.0.1 on an ephemeral port, stopped and deleted afterwards), so
 # nothing is started here and the package's default cluster is not used. Without the binaries the
 # PostgreSQL tests skip and say why. FR_TEST_DATABASE_URL=postgresql://... uses an existing server.

@@ -7,11 +7,11 @@ from pathlib import Path
 
 _PROJECT_ROOT = Path(__file__).resolve().parent.parent
 MTCNN_DET_PROB_THRESHOLD = 0.85  # CompreFace's default
-# YuNet's default by measurement on the dev detection ground truth (python -m server.bench pipeline):
+# YuNet's default by measurement on the dev detection ground truth (python -m benchmarks.pipeline pipeline):
 # at 0.95, recall at IoU 0.4 is 0.79 (MTCNN at 0.85: 0.60) with precision 0.90; below it precision
 # falls (0.85: 0.84) for no recall, above it recall falls (0.97: 0.67)
 YUNET_DET_PROB_THRESHOLD = 0.95
-# similarity = (tanh((c0 - d) * c1) + 1) / 2, fitted per detector on the dev pairs (python -m server.bench
+# similarity = (tanh((c0 - d) * c1) + 1) / 2, fitted per detector on the dev pairs (python -m benchmarks.pipeline
 # pipeline --detector D): the descriptors depend on the alignment, which starts from the detector's output
 SIMILARITY_COEFFICIENTS = {"mtcnn": (0.415011, 24.676692), "yunet": (0.408071, 36.083569)}
 
@@ -26,7 +26,7 @@ class Settings:
     admin_token: str = ""
     # inference
     # onnxruntime (in-process) | triton (a tritonserver holding model_repository/) | torch (in-process
-    # PyTorch on a GPU when there is one: server/backends/torch.py; needs `pip install torch`)
+    # PyTorch on a GPU when there is one: server/inference/torch.py; needs `pip install torch`)
     backend: str = "onnxruntime"
     # threads of one ONNX Runtime session; 0: auto (see intra_op_threads()): one with the micro-batcher,
     # whose model instances then run side by side, onnxruntime's default (one per core) without it
@@ -43,8 +43,8 @@ class Settings:
     # torch backend: auto (a CUDA GPU when torch sees one, else the CPU) | cpu | cuda | cuda:N; float16 weights on a GPU
     torch_device: str = "auto"
     torch_half: bool = False
-    # detection: yunet (one fixed-shape network, batched across requests: server/pipeline/yunet.py) |
-    # mtcnn (CompreFace's facenet build's detector, exactly as before: server/pipeline/detector.py).
+    # detection: yunet (one fixed-shape network, batched across requests: server/vision/yunet.py) |
+    # mtcnn (CompreFace's facenet build's detector, exactly as before: server/vision/mtcnn.py).
     # Images <= 640 px a side (CompreFace's rule). det_prob_threshold when a request gives none: unset
     # (None), the detector's own default: CompreFace's 0.85 for MTCNN; for YuNet, whose probability is
     # the precision measured on the dev set at that score, YUNET_DET_PROB_THRESHOLD (see below)
@@ -80,13 +80,13 @@ class Settings:
     decode_pixel_budget: int = 200_000_000
     seed_demo_keys: bool = False
     # similarity = (tanh((c0 - d) * c1) + 1) / 2 on L2-normalised descriptors, calibrated for our
-    # embedder on ../shared/facedata/dev pairs by `python -m server.bench pipeline`: c0 is the
+    # embedder on ../shared/facedata/dev pairs by `python -m benchmarks.pipeline pipeline`: c0 is the
     # equal-error distance (similarity 0.5 there), c1 the slope of a logistic fit (README, Similarity).
     # Unset (None): the coefficients fitted for the detector's alignment (SIMILARITY_COEFFICIENTS)
     similarity_c0: float | None = None
     similarity_c1: float | None = None
     # index
-    # Measured with `python -m server.bench_index` (2-core box, see its report): exact numpy search
+    # Measured with `python -m benchmarks.index` (2-core box, see its report): exact numpy search
     # stays under ~0.2 ms up to 10k faces, so collections that small are searched exactly. M=20
     # keeps hnswlib at ~790 B/face (M=16: ~760, M=24 would pass 800) and lifts 1M-face recall by
     # ~0.01 over M=16; ef_construction 400 bought ~1% recall for twice the build time. Search: ef 64
@@ -108,14 +108,14 @@ class Settings:
     index_snapshot_interval_s: float = 60.0
     index_build_threads: int = -1  # background graph builds: -1 = every core
     extra: dict = field(default_factory=dict)
-    # micro-batching across requests (server/batching.py). Measured on the 2-core CPU box: batching
+    # micro-batching across requests (server/inference/batcher.py). Measured on the 2-core CPU box: batching
     # gains little per row there (R-Net/O-Net per-call overhead, embedder +20-40% at 8), so no queue
     # delay (batches still form while a batch runs) and the smallest size at the throughput
     # plateau. On a GPU raise the sizes and allow a few ms of delay. Capacities: rows waiting,
     # about 1-2 s of work each at the measured CPU throughput.
     batching: bool = True
     request_timeout_s: float = 30.0  # per-request deadline for queued inference; 0: none
-    # request-level admission (server/api/state.py): requests running inference at once (0: auto,
+    # request-level admission (server/http/state.py): requests running inference at once (0: auto,
     # see inflight_limit()) and requests allowed to wait for a slot (a few seconds of work on 2
     # cores); beyond that a request is refused at once with 503 + Retry-After (code 60), before any work.
     max_inflight_inference: int = 0
@@ -177,7 +177,7 @@ class Settings:
         return replace(self, **changes)
 
     # ---- how inference uses the machine (the auto values of the settings above, in one place).
-    # Measured on 2 cores (python -m server.bench_server; README, Performance): one detect+embed
+    # Measured on 2 cores (python -m benchmarks.server; README, Performance): one detect+embed
     # stream on a 2-thread session does ~20 images/s, two streams on 1-thread sessions ~28-30: ONNX
     # Runtime's intra-op threads split MTCNN's small convolutions poorly. So with the micro-batcher,
     # each model runs as one single-threaded instance per core (as Triton's instance groups do),
@@ -195,7 +195,7 @@ class Settings:
         if self.backend == "onnxruntime":
             return True
         if self.backend == "torch":
-            from server.backends.torch import resolve_device
+            from server.inference.torch import resolve_device
 
             return resolve_device(self.torch_device) == "cpu"
         return False

@@ -15,7 +15,7 @@ REFERENCE = SHARED / "reference"
 @pytest.fixture(scope="session")
 def model_dir() -> Path:
     """The real model repository, built from the pip-installed weights (no-op when current)."""
-    from server.models.repository import ensure_built
+    from server.modelbuild.repository import ensure_built
 
     out = Path(os.environ.get("FR_TEST_MODEL_DIR", ROOT / "model_repository"))
     ensure_built(out)
@@ -24,7 +24,7 @@ def model_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def backend(model_dir):
-    from server.backends.onnxruntime import OnnxRuntimeBackend
+    from server.inference.onnxruntime import OnnxRuntimeBackend
 
     b = OnnxRuntimeBackend(model_dir)
     yield b
@@ -35,7 +35,7 @@ def backend(model_dir):
 def pipeline(model_dir, backend):
     """The default pipeline (YuNet), or the detector FR_DETECTOR names."""
     from server.config import Settings
-    from server.pipeline import FacePipeline
+    from server.vision.pipeline import FacePipeline
 
     return FacePipeline.from_settings(Settings.from_env(model_dir=model_dir), backend=backend)
 
@@ -44,7 +44,7 @@ def pipeline(model_dir, backend):
 def mtcnn_pipeline(model_dir, backend):
     """FR_DETECTOR=mtcnn: CompreFace's facenet-build detector, for the tests of MTCNN's own behaviour."""
     from server.config import Settings
-    from server.pipeline import FacePipeline
+    from server.vision.pipeline import FacePipeline
 
     return FacePipeline.from_settings(Settings.from_env(model_dir=model_dir, detector="mtcnn"), backend=backend)
 
@@ -52,7 +52,7 @@ def mtcnn_pipeline(model_dir, backend):
 @pytest.fixture(scope="session")
 def yunet_pipeline(model_dir, backend):
     from server.config import Settings
-    from server.pipeline import FacePipeline
+    from server.vision.pipeline import FacePipeline
 
     return FacePipeline.from_settings(Settings.from_env(model_dir=model_dir, detector="yunet"), backend=backend)
 

@@ -20,10 +20,10 @@ import onnx
 import pytest
 
 from server.config import Settings
-from server.models import sources
-from server.models.age_gender import WHEEL_MODELS, WheelError, read_wheel, reference_inputs
-from server.models.repository import MANIFEST, TARGETS, build, fingerprint, is_built
-from server.pipeline.plugins import COMPREFACE_AGE_RANGES, PluginRegistry, age_range_weights, age_ranges
+from server.modelbuild import sources
+from server.modelbuild.age_gender import WHEEL_MODELS, WheelError, read_wheel, reference_inputs
+from server.modelbuild.repository import MANIFEST, TARGETS, build, fingerprint, is_built
+from server.vision.plugins import COMPREFACE_AGE_RANGES, PluginRegistry, age_range_weights, age_ranges
 
 ROOT = Path(__file__).resolve().parents[1]
 LABELS = ROOT / "tests" / "data" / "dev_gender.csv"
@@ -191,7 +191,7 @@ def test_without_the_wheel_the_build_leaves_them_out(tmp_path, monkeypatch, mode
     assert not (out / "face_age" / "1" / "model.onnx").exists()
     assert not (out / "face_gender" / "1" / "model.onnx").exists()
     assert is_built(out)
-    from server.backends.onnxruntime import OnnxRuntimeBackend
+    from server.inference.onnxruntime import OnnxRuntimeBackend
 
     backend = OnnxRuntimeBackend(out)
     try:
@@ -223,7 +223,7 @@ def test_a_wheel_that_is_not_the_pinned_one_is_refused(tmp_path, wheel, monkeypa
 
 # ------------------------------------------------------------------------------ real models
 def _photo(facedata: Path, rel: str) -> np.ndarray:
-    from server.imaging import decode_image
+    from server.vision.decode import decode_image
 
     return decode_image((facedata / rel).read_bytes())
 
@@ -238,7 +238,7 @@ def test_registry_reports_the_models(registry):
 
 def test_chips_are_dlib_chips_of_the_embedders_shape(registry, pipeline, facedata):
     """The models see get_face_chip(shape, 64 / 32, padding 0.2) of the shape the embedder used."""
-    from server.pipeline.alignment import face_chips
+    from server.vision.alignment import face_chips
 
     image = _photo(facedata, "deepface/tests/unit/dataset/img1.jpg")
     faces = pipeline.faces(image)
@@ -284,9 +284,9 @@ def test_shapes_without_embedding(registry, pipeline, facedata):
 def test_concurrent_requests_chips_form_batches(installed, facedata):
     """Chips of concurrent requests reach each model as batches of more than one, with each caller's
     own answers (the same as run one by one)."""
-    from server.backends.onnxruntime import OnnxRuntimeBackend
-    from server.batching import MicroBatcher, policies_from_settings
-    from server.pipeline import FacePipeline
+    from server.inference.onnxruntime import OnnxRuntimeBackend
+    from server.inference.batcher import MicroBatcher, policies_from_settings
+    from server.vision.pipeline import FacePipeline
 
     settings = Settings(model_dir=installed, batch_age_delay_ms=50, batch_gender_delay_ms=50)
     policies = policies_from_settings(settings)
@@ -367,7 +367,7 @@ def test_labels_are_well_formed(facedata):
 
 def test_gender_accuracy_on_the_dev_photos(registry, pipeline, facedata):
     """The biggest face of each photo of a labelled identity (tests/data/dev_gender.csv)."""
-    from server.bench_age_gender import evaluate
+    from benchmarks.age_gender import evaluate
 
     report = evaluate(pipeline, registry, facedata, labelled_photos(facedata))
     assert report["faces"] >= 100, report
@@ -385,7 +385,7 @@ TIME_KEYS = {"age", "gender", "pose", "detector", "calculator", "mask"}
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, installed):
-    from tests.api_server import live_server
+    from tests.support.api_server import live_server
 
     with live_server(tmp_path_factory.mktemp("ag-data"), installed) as srv:
         yield srv
@@ -399,7 +399,7 @@ def http(server):
 
 @pytest.fixture(scope="module")
 def astronaut_jpg() -> bytes:
-    from tests.api_server import astronaut, encode
+    from tests.support.api_server import astronaut, encode
 
     return encode(astronaut(), "JPEG", quality=95)  # Eileen Collins
 

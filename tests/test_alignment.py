@@ -14,15 +14,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from server.models.dlib_format import DlibFormatError, DlibReader
-from server.models.dlib_shape import (
+from server.modelbuild.dlib_format import DlibFormatError, DlibReader
+from server.modelbuild.dlib_shape import (
     NPZ_KEYS,
     convert_shape_predictor,
     parse_shape_predictor,
     read_shape_predictor,
 )
-from server.models.sources import SHAPE5_DAT, WeightsNotFound, dlib_model_file
-from server.pipeline.alignment import (
+from server.modelbuild.sources import SHAPE5_DAT, WeightsNotFound, dlib_model_file
+from server.vision.alignment import (
     ShapePredictor,
     face_chip,
     face_chips,

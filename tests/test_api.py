@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from starlette.routing import Route
 from server.config import Settings
-from tests.api_server import ADMIN_TOKEN, astronaut, blank, chunks, encode, live_server, side_by_side
+from tests.support.api_server import ADMIN_TOKEN, astronaut, blank, chunks, encode, live_server, side_by_side
 
 R, D, V = "/api/v1/recognition", "/api/v1/detection", "/api/v1/verification"
 
@@ -126,7 +126,7 @@ def test_health_ready_config_consistence(http):
 def test_openapi_covers_every_route(server, http):
     doc = http.get("/openapi.json").json()
     documented = {(m.upper(), p) for p, ops in doc["paths"].items() for m in ops}
-    served = {(m, r.path) for r in server.app.routes if isinstance(r, Route) for m in r.methods if m != "HEAD"}
+    served = {(m, r.path) for r in server.http.app.routes if isinstance(r, Route) for m in r.methods if m != "HEAD"}
     assert served == documented
     for (method, path) in documented:
         op = doc["paths"][path][method.lower()]
@@ -727,7 +727,7 @@ def test_admin_api(server, http, face_jpg):
 
 
 def test_admin_routes_absent_without_token(tmp_path, model_dir, caplog):
-    with caplog.at_level("WARNING", logger="server.app"), live_server(tmp_path, model_dir, admin_token="") as srv:
+    with caplog.at_level("WARNING", logger="server.http.app"), live_server(tmp_path, model_dir, admin_token="") as srv:
         assert not [r for r in srv.app.routes if r.path.startswith("/api/v1/admin")]
         with srv.client() as c:
             assert_error(c.get("/api/v1/admin/keys", headers={"Authorization": "Bearer x"}), 404, 0)

@@ -8,10 +8,10 @@ import math
 import numpy as np
 import pytest
 
-from server.api import errors
-from server.api.params import Params, decode_base64, image_params, parse_int, parse_uuid, validate_subject_dto
+from server.http import errors
+from server.http.params import Params, decode_base64, image_params, parse_int, parse_uuid, validate_subject_dto
 from server.config import Settings
-from server.services import FaceService, check_embeddings, l2_normalise, round5
+from server.core.service import FaceService, check_embeddings, l2_normalise, round5
 
 
 def params(**kw: str) -> Params:
@@ -116,7 +116,7 @@ def test_client_embeddings_are_checked():
 
 
 def test_batcher_errors_map_to_503():
-    from server.batching import DeadlineExceeded, Overloaded
+    from server.inference.batcher import DeadlineExceeded, Overloaded
 
     err = errors.from_batcher(Overloaded("face_embedder", 3))
     assert (err.status, err.code, err.headers) == (503, 60, {"Retry-After": "3"})

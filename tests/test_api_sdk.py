@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.api_server import astronaut, encode, live_server, side_by_side
+from tests.support.api_server import astronaut, encode, live_server, side_by_side
 
 try:
     import compreface

@@ -11,9 +11,9 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from server.backends.base import BackendError
-from server.backends.onnxruntime import OnnxRuntimeBackend
-from server.batching import (
+from server.inference.base import BackendError
+from server.inference.onnxruntime import OnnxRuntimeBackend
+from server.inference.batcher import (
     BatchPolicy,
     Cancelled,
     DeadlineExceeded,
@@ -444,7 +444,7 @@ def _faces_equal(a, b, atol: float) -> None:
 def test_pipeline_through_batcher_matches_direct(model_dir, backend, detector):
     from skimage.data import astronaut
 
-    from server.pipeline import FacePipeline
+    from server.vision.pipeline import FacePipeline
 
     image = astronaut()
     pipeline = FacePipeline.from_settings(Settings(model_dir=model_dir, detector=detector), backend=backend)

@@ -6,8 +6,8 @@ import asyncio
 
 import pytest
 
-from server.bench_server import level_ratios, load, sample_jpeg
-from tests.api_server import live_server
+from benchmarks.server import level_ratios, load, sample_jpeg
+from tests.support.api_server import live_server
 
 R = "/api/v1/recognition"
 

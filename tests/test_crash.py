@@ -36,7 +36,7 @@ from PIL import Image
 
 from index.hnsw import _read_manifest
 from server.config import Settings
-from tests.api_server import ADMIN_TOKEN, astronaut
+from tests.support.api_server import ADMIN_TOKEN, astronaut
 
 ROOT = Path(__file__).resolve().parents[1]
 R = "/api/v1/recognition"

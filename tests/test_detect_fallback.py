@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from server.imaging import decode_image
-from tests.api_server import blank, encode, live_server
+from server.vision.decode import decode_image
+from tests.support.api_server import blank, encode, live_server
 
 R = "/api/v1/recognition"
 

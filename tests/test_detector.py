@@ -1,4 +1,4 @@
-"""MTCNN ONNX conversion (server/models/mtcnn_onnx.py) and the detection cascade (server/pipeline/detector.py).
+"""MTCNN ONNX conversion (server/modelbuild/mtcnn_onnx.py) and the detection cascade (server/vision/mtcnn.py).
 
 Uses the real weights of the `mtcnn` pip package, converted by our builder into a temporary model
 repository and run with ONNX Runtime. Reference numbers are facenet-pytorch's (docs/models.md §3).
@@ -14,10 +14,10 @@ import numpy as np
 import onnx
 import pytest
 
-from server.backends.onnxruntime import OnnxRuntimeBackend
-from server.models.mtcnn_onnx import MODEL_NAMES, build_mtcnn_onnx
-from server.models.sources import mtcnn_weights_file
-from server.pipeline.detector import Detections, MtcnnDetector, _Integral, nms
+from server.inference.onnxruntime import OnnxRuntimeBackend
+from server.modelbuild.mtcnn_onnx import MODEL_NAMES, build_mtcnn_onnx
+from server.modelbuild.sources import mtcnn_weights_file
+from server.vision.mtcnn import Detections, MtcnnDetector, _Integral, nms
 
 FACEDATA = Path(__file__).resolve().parents[1].parent / "shared" / "facedata" / "dev"
 

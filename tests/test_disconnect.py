@@ -14,8 +14,8 @@ import uuid
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.api_server import astronaut, encode, live_server
-from tests.pg_cluster import wait_until
+from tests.support.api_server import astronaut, encode, live_server
+from tests.support.pg_cluster import wait_until
 
 HOLD_MS = 6000.0  # detector queue delay: far longer than the test waits for a cancellation
 PNET = "face_detector_yunet"  # the default detector's one model call (held below)

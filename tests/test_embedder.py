@@ -7,9 +7,9 @@ import numpy as np
 import onnx
 import pytest
 
-from server.backends.onnxruntime import OnnxRuntimeBackend
-from server.models.dlib_format import DlibFormatError
-from server.models.dlib_resnet import (
+from server.inference.onnxruntime import OnnxRuntimeBackend
+from server.modelbuild.dlib_format import DlibFormatError
+from server.modelbuild.dlib_resnet import (
     INPUT_NAME,
     MODEL_NAME,
     OUTPUT_NAME,
@@ -21,7 +21,7 @@ from server.models.dlib_resnet import (
     build_embedder_onnx,
     read_resnet,
 )
-from server.models.sources import EMBEDDER_DAT, dlib_model_file
+from server.modelbuild.sources import EMBEDDER_DAT, dlib_model_file
 
 REFERENCE_NPZ = Path(__file__).resolve().parents[1].parent / "shared" / "reference" / "dlib_reference_faces.npz"
 

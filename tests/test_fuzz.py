@@ -27,9 +27,9 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
-from server.api.openapi import document
+from server.http.openapi import document
 from server.config import Settings
-from tests.api_server import ADMIN_TOKEN, astronaut, encode, live_server
+from tests.support.api_server import ADMIN_TOKEN, astronaut, encode, live_server
 
 MAX_EXAMPLES = int(os.environ.get("FR_FUZZ_EXAMPLES", "30"))
 TIMEOUT_S = 30.0

@@ -36,7 +36,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.api_server import astronaut, blank, encode, live_server
+from tests.support.api_server import astronaut, blank, encode, live_server
 
 R, D, V = "/api/v1/recognition", "/api/v1/detection", "/api/v1/verification"
 TIMEOUT_S = 30.0  # per request: a hang is a failure, never a stuck test

@@ -1,4 +1,4 @@
-"""server.imaging: every supported format decodes; hostile bytes raise ImageError, never crash."""
+"""server.vision.decode: every supported format decodes; hostile bytes raise ImageError, never crash."""
 from __future__ import annotations
 
 import io
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from server.imaging import (
+from server.vision.decode import (
     CorruptImage,
     ImageError,
     ImageTooLarge,

@@ -15,11 +15,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from server.importer import Item, compare, import_source, list_source
+from server.core.importer import Item, compare, import_source, list_source
 from server.config import Settings
 from server.storage import FaceExists, NewFace, SubjectNotFound
 from server.storage.sqlite import SqliteStorage
-from tests.api_server import astronaut, blank, encode, live_server, side_by_side
+from tests.support.api_server import astronaut, blank, encode, live_server, side_by_side
 
 ROOT = Path(__file__).resolve().parents[1]
 R = "/api/v1/recognition"

@@ -15,10 +15,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from loadtests.server import LocalServer, create_key_admin
-from server.api import admin
-from server.api.gate import loggable_path, mask_key
-from tests.api_server import ADMIN_TOKEN, astronaut, encode, live_server
+from tests.support.local_server import LocalServer, create_key_admin
+from server.http.routes import admin
+from server.http.gate import loggable_path, mask_key
+from tests.support.api_server import ADMIN_TOKEN, astronaut, encode, live_server
 
 R, D, V = "/api/v1/recognition", "/api/v1/detection", "/api/v1/verification"
 TIMEOUT_S = 60.0

@@ -14,8 +14,8 @@ from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Mount, Route
 from starlette.testclient import TestClient
 
-from server.backends.onnxruntime import OnnxRuntimeBackend
-from server.batching import BatchPolicy, DeadlineExceeded, MicroBatcher, Overloaded
+from server.inference.onnxruntime import OnnxRuntimeBackend
+from server.inference.batcher import BatchPolicy, DeadlineExceeded, MicroBatcher, Overloaded
 from server.metrics import UNMATCHED_ROUTE, Metrics, RequestMetricsMiddleware
 
 

@@ -11,15 +11,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from server.backends.onnxruntime import OnnxRuntimeBackend
-from server.bench import iou
-from server.imaging import decode_image
-from server.models import repository
-from server.models.dlib_format import DlibFormatError, DlibReader
-from server.models.dlib_mmod import MODEL_NAME, build_mmod_onnx, parse_mmod, read_mmod
-from server.models.sources import MMOD_DAT, dlib_model_file
-from server.pipeline import mmod
-from server.pipeline.mmod import MmodDetector
+from server.inference.onnxruntime import OnnxRuntimeBackend
+from benchmarks.pipeline import iou
+from server.vision.decode import decode_image
+from server.modelbuild import repository
+from server.modelbuild.dlib_format import DlibFormatError, DlibReader
+from server.modelbuild.dlib_mmod import MODEL_NAME, build_mmod_onnx, parse_mmod, read_mmod
+from server.modelbuild.sources import MMOD_DAT, dlib_model_file
+from server.vision.pipeline import mmod
+from server.vision.mmod import MmodDetector
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "facedata" / "dev"

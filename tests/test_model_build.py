@@ -9,7 +9,7 @@ from pathlib import Path
 import onnx
 import pytest
 
-from server.models.repository import MANIFEST, MODEL_SPECS, OPTIONAL_MODELS, SHAPE_PREDICTOR_NPZ, build, is_built
+from server.modelbuild.repository import MANIFEST, MODEL_SPECS, OPTIONAL_MODELS, SHAPE_PREDICTOR_NPZ, build, is_built
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -67,7 +67,7 @@ def test_embedder_contract(cli_build):
 def test_yunet_contract(cli_build):
     """face_detector_yunet: uint8 RGB NHWC with free batch / height / width, 12 float outputs [N, A_s, C],
     Triton config read off that, max batch 64 with dynamic batching; build.json records the pinned source."""
-    from server.models import yunet
+    from server.modelbuild import yunet
 
     model = onnx.load(str(cli_build / yunet.MODEL_NAME / "1" / "model.onnx"))
     (inp,) = model.graph.input

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from loadtests.overload import Reply, closed_loop, describe, detect_request, open_loop, percentile
-from loadtests.server import ROOT, LocalServer
+from tests.support.local_server import ROOT, LocalServer
 
 INFLIGHT, WAITING = 2, 2
 OVERLOAD_FACTOR = 4.0  # offered load, as a multiple of the measured capacity

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from skimage.data import astronaut
 
-from server.imaging import decode_image
+from server.vision.decode import decode_image
 
 
 def test_astronaut_one_face_with_embedding(mtcnn_pipeline):
@@ -87,7 +87,7 @@ def test_descriptors_close_to_dlib_pipeline(pipeline, facedata, reference_faces)
 def test_face_filling_a_tight_crop_is_found_by_the_padded_retry(mtcnn_pipeline):
     """MTCNN alone misses a face cropped inside its own box (no room around it); the pipeline's
     padded retry finds it, with a box inside the image and the same person's descriptor."""
-    from server.pipeline import FacePipeline
+    from server.vision.pipeline import FacePipeline
 
     pipeline = mtcnn_pipeline
     img = astronaut()
@@ -113,7 +113,7 @@ def test_face_filling_a_tight_crop_is_found_by_the_padded_retry(mtcnn_pipeline):
 def test_mtcnn_points_from_a_5_point_shape_land_near_mtcnn_landmarks(pipeline):
     """The fallback's landmarks: MTCNN's points in dlib's chip (fitted template) mapped through the
     chip transform of the 5-point shape land within a few px of MTCNN's own on the astronaut."""
-    from server.pipeline.alignment import mtcnn_box_to_rect, mtcnn_points
+    from server.vision.alignment import mtcnn_box_to_rect, mtcnn_points
 
     img = astronaut()
     (face,) = pipeline.faces(img, embed=False)
@@ -132,7 +132,7 @@ def test_mmod_fallback_finds_the_profile_face_mtcnn_misses(mtcnn_pipeline, faced
     detect_fallback=mmod the pipeline returns dlib's CNN rect (real dlib: [11, 33, 58, 81]) and a
     descriptor that verifies against the same person's other photos."""
     from server.config import Settings
-    from server.pipeline import FacePipeline
+    from server.vision.pipeline import FacePipeline
 
     def load(i: int) -> np.ndarray:
         return decode_image((facedata / f"orl-att-faces/att_faces/s2/{i}.pgm").read_bytes())

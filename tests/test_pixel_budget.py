@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from server.batching import Cancelled, DeadlineExceeded, request_scope
-from server.imaging import PixelBudget, image_pixels
-from tests.api_server import live_server
+from server.inference.batcher import Cancelled, DeadlineExceeded, request_scope
+from server.vision.decode import PixelBudget, image_pixels
+from tests.support.api_server import live_server
 
 
 def test_holds_never_exceed_the_limit_and_oversize_runs_alone():

@@ -15,11 +15,11 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from server.backends.base import BackendError
-from server.backends.onnxruntime import OnnxRuntimeBackend
+from server.inference.base import BackendError
+from server.inference.onnxruntime import OnnxRuntimeBackend
 from server.config import Settings
-from server.pipeline import Face
-from server.pipeline.plugins import (
+from server.vision.pipeline import Face
+from server.vision.plugins import (
     CROP_SCALE,
     HEAD_MODEL_MM,
     MASK_VALUES,
@@ -500,7 +500,7 @@ def _chip_mask_model(repo: Path, meta: dict, hw=(40, 40)) -> None:
 
 def test_operator_dlib_chip_model(tmp_path, model_dir):
     """A dlib_chip slot model gets get_face_chip(shape, H, chip_padding) of each face, as uint8."""
-    from server.pipeline.alignment import ShapePredictor, face_chips
+    from server.vision.alignment import ShapePredictor, face_chips
 
     shutil.copy(model_dir / "shape_predictor_5.npz", tmp_path / "shape_predictor_5.npz")
     _chip_mask_model(tmp_path, {"face_input": "dlib_chip", "chip_padding": "0.5", "family": "acme", "version": "m2"})
@@ -512,7 +512,7 @@ def test_operator_dlib_chip_model(tmp_path, model_dir):
     assert backend.calls == [("face_mask", {"chips": (4, 40, 40, 3)})]
     sp = ShapePredictor.load(tmp_path / "shape_predictor_5.npz")
     shapes = np.stack([f.shape for f in faces])  # predicted on demand and kept on the faces
-    from server.pipeline.plugins import dlib_rect_for
+    from server.vision.plugins import dlib_rect_for
 
     np.testing.assert_array_equal(shapes, sp.predict_many(image, [dlib_rect_for(registry.settings.detector, f)
                                                                   for f in faces]))

@@ -2,7 +2,7 @@
 of sequences across replicas, the change follower (LISTEN/NOTIFY + catch-up poll), and two real
 server processes on one database.
 
-Runs against a real PostgreSQL server started for this module (tests/pg_cluster.py: initdb in a temp
+Runs against a real PostgreSQL server started for this module (tests/support/pg_cluster.py: initdb in a temp
 dir, 127.0.0.1, ephemeral port); skips with the reason when the binaries or psycopg are missing.
 Every test gets a schema of its own (search_path), so tests never see each other's rows.
 """
@@ -24,7 +24,7 @@ import pytest
 from server.config import Settings
 from server.storage import Storage, StorageError, open_storage
 from tests import test_storage as sqlite_contract
-from tests.pg_cluster import PgCluster, PgUnavailable, wait_until
+from tests.support.pg_cluster import PgCluster, PgUnavailable, wait_until
 
 psycopg = pytest.importorskip("psycopg", reason="psycopg 3 not installed (pip install -e .[postgres])")
 pytest.importorskip("psycopg_pool", reason="psycopg_pool not installed (pip install -e .[postgres])")
@@ -484,7 +484,7 @@ def _subjects(server: ServerProcess, key: str, image: bytes) -> list[dict]:
 
 
 def test_two_server_processes_share_one_database(two_servers):
-    from tests.api_server import astronaut, encode
+    from tests.support.api_server import astronaut, encode
 
     a, b = two_servers
     face_jpg = encode(astronaut(), "JPEG", quality=95)

@@ -18,7 +18,7 @@ import pytest
 
 import index.hnsw as hnsw
 from index import IndexRegistry, VectorIndex
-from server.bench_index import exact_top1, generate, queries, recall
+from benchmarks.index import exact_top1, generate, queries, recall
 from server.config import Settings
 from server.storage import NewFace, StorageError
 from server.storage.sqlite import SqliteStorage
@@ -258,8 +258,8 @@ def test_deleted_slots_are_reused_then_compacted(monkeypatch):
 
 def test_settings_reach_the_index(tmp_path):
     """index_* settings (FR_INDEX_*) are what the server's indexes are built with."""
-    from server.app import _open_data
-    from server.api.state import AppState
+    from server.http.app import _open_data
+    from server.http.state import AppState
 
     settings = Settings(data_dir=tmp_path, index_m=12, index_ef_construction=80, index_ef_search=40,
                         index_exact_below=100, index_snapshot_every=7, index_snapshot_interval_s=3.5)

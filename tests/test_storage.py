@@ -550,7 +550,7 @@ def test_kill_9_after_acknowledged_writes(tmp_path):
 
 
 # ----------------------------------------------------------------------------- keys CLI
-def cli(*args: str, env_extra: dict | None = None, module: str = "server.storage.keys_cli"):
+def cli(*args: str, env_extra: dict | None = None, module: str = "server.cli.keys"):
     env = {k: v for k, v in os.environ.items() if k != "FR_DATA_DIR"}
     env.update(env_extra or {})
     return subprocess.run([PYTHON, "-m", module, *args], cwd=ROOT, capture_output=True, text=True,

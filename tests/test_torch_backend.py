@@ -1,4 +1,4 @@
-"""The torch backend (server/backends/torch.py): our ONNX models executed with PyTorch.
+"""The torch backend (server/inference/torch.py): our ONNX models executed with PyTorch.
 
 Here it runs on the CPU (CI has no GPU); on a GPU the same code runs with device cuda. Checked
 against onnxruntime, model by model on random inputs of several batch sizes and image sizes
@@ -13,13 +13,13 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from server.backends import BackendError, create_backend
+from server.inference import BackendError, create_backend
 from server.config import Settings, usable_cores
 from tests.conftest import FACEDATA
 
 torch = pytest.importorskip("torch", reason="PyTorch is not installed (./dev.sh test installs torch==2.13.0)")
 
-from server.backends.torch import TorchBackend  # noqa: E402
+from server.inference.torch import TorchBackend  # noqa: E402
 
 PHOTOS = ("deepface/tests/unit/dataset/img2.jpg", "CompreFace/embedding-calculator/sample_images/015_6.jpg")
 
@@ -70,8 +70,8 @@ def test_models_match_onnxruntime(torch_backend, backend, model_dir, model, shap
 def test_pipeline_matches_onnxruntime(torch_backend, pipeline, model_dir):
     from skimage.data import astronaut
 
-    from server.imaging import decode_image
-    from server.pipeline import FacePipeline
+    from server.vision.decode import decode_image
+    from server.vision.pipeline import FacePipeline
 
     images = {"astronaut": astronaut()}
     if FACEDATA.is_dir():  # optional: the dev photos add multi-face images
@@ -91,7 +91,7 @@ def test_yunet_detector_matches_onnxruntime(torch_backend, backend):
     landmarks through the torch backend as through onnxruntime."""
     from skimage.data import astronaut
 
-    from server.pipeline.yunet import YunetDetector
+    from server.vision.yunet import YunetDetector
 
     img = astronaut()
     images = [img, np.ascontiguousarray(img[:, ::-1]), np.ascontiguousarray(img[:300])]  # square and landscape
@@ -163,7 +163,7 @@ def test_resize_nearest_matches_onnxruntime(tmp_path, transform, rounding):
     """Resize (nearest) as ONNX defines it, checked against onnxruntime: YuNet's 2x asymmetric floor
     upsampling and the other coordinate transformations and rounding rules, with scales (up, down,
     fractional: exact halves occur) and with sizes."""
-    from server.backends.onnxruntime import OnnxRuntimeBackend
+    from server.inference.onnxruntime import OnnxRuntimeBackend
 
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", "C", "H", "W"])
     attrs = {"mode": "nearest", "coordinate_transformation_mode": transform, "nearest_mode": rounding}
@@ -197,7 +197,7 @@ def test_resize_nearest_matches_onnxruntime(tmp_path, transform, rounding):
 def test_cast_reshape_sigmoid_match_onnxruntime(tmp_path):
     """uint8 -> float Cast (YuNet's input), float -> int truncation, Reshape's 0 (copy the input's
     dimension) and -1, Sigmoid: against onnxruntime."""
-    from server.backends.onnxruntime import OnnxRuntimeBackend
+    from server.inference.onnxruntime import OnnxRuntimeBackend
 
     x = helper.make_tensor_value_info("x", TensorProto.UINT8, ["N", "H", "W", 3])
     shape = helper.make_tensor("shape", TensorProto.INT64, [3], [0, -1, 3])
@@ -247,7 +247,7 @@ def test_unsupported_attributes_are_named(tmp_path, op, attrs, inits, match):
 def test_asymmetric_pads_and_pad_operator(tmp_path):
     """Conv and pools with begin != end pads (ceil mode included) and Pad's begin/end order:
     checked against onnxruntime."""
-    from server.backends.onnxruntime import OnnxRuntimeBackend
+    from server.inference.onnxruntime import OnnxRuntimeBackend
 
     rng = np.random.default_rng(5)
     w = helper.make_tensor("w", TensorProto.FLOAT, [2, 3, 3, 3], rng.normal(size=54).astype(np.float32))
@@ -299,7 +299,7 @@ def test_settings_choose_it(monkeypatch, model_dir):
 def test_api_through_the_torch_backend(tmp_path_factory, model_dir):
     """A real server on FR_BACKEND=torch: enrol and recognise through HTTP, the same answer as the
     onnxruntime server's."""
-    from tests.api_server import astronaut, encode, live_server
+    from tests.support.api_server import astronaut, encode, live_server
 
     jpeg = encode(astronaut())
     answers = {}

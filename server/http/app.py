@@ -1,0 +1,191 @@
+"""The Starlette application: `create_app(settings)` and `run_server(settings)`.
+
+Start-up, in the lifespan:
+1. storage opens (and CompreFace's demo keys are seeded when asked), then the index registry;
+   a failure here stops the server: without them nothing can be answered;
+2. the models load in the background (building the model repository on first start), so
+   /health answers at once and /ready says 503 until the pipeline is there.
+Shutdown closes the index (snapshots), the storage and the inference backend.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import AsyncIterator
+
+import anyio.to_thread
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import Response
+
+from server.http import errors
+from server.http.routes import admin, detection, extensions, recognition, static, system, verification
+from server.http.gate import Gate, mask_key
+from server.http.state import AppState, KeyCache
+from server.config import Settings
+from server.metrics import Metrics, RequestMetricsMiddleware
+from server.http.ui import ui_routes
+
+log = logging.getLogger(__name__)
+
+INDEX_DIR = "index"
+SNAPSHOT_CHECK_S = 5.0
+
+
+def create_app(settings: Settings) -> Starlette:
+    state = AppState(settings=settings, metrics=Metrics())
+    routes = recognition.routes + detection.routes + verification.routes + static.routes + system.routes
+    routes = routes + extensions.routes  # ours, not CompreFace's: bulk embeddings, verify against a subject
+    routes = routes + ui_routes()  # the web console under /ui/ (static files, uses the public API)
+    if settings.admin_token:
+        routes = routes + admin.routes
+    app = Starlette(
+        routes=routes,
+        # metrics outermost, so it times and counts every answer, the gate's errors included
+        middleware=[Middleware(RequestMetricsMiddleware, metrics=state.metrics), Middleware(Gate, state=state)],
+        exception_handlers={HTTPException: _http_exception},
+        lifespan=_lifespan,
+    )
+    app.state.core = state
+    return app
+
+
+async def _http_exception(request: Request, exc: Exception) -> Response:
+    """Routing errors in CompreFace's shape: a wrong method is a 404 (handleHttpRequestMethodNotSupported)."""
+    status = exc.status_code if isinstance(exc, HTTPException) else 400
+    if status == 405:
+        return errors.error_response(errors.method_not_supported(request.method))
+    if status == 404:
+        return errors.error_response(errors.route_not_found(request.method, request.url.path))
+    return errors.error_response(errors.ApiError(status, 0, str(getattr(exc, "detail", exc))))
+
+
+@asynccontextmanager
+async def _lifespan(app: Starlette) -> AsyncIterator[None]:
+    state: AppState = app.state.core
+    settings = state.settings
+    if not settings.admin_token:
+        log.warning("admin API disabled: no admin token configured (--admin-token or FR_ADMIN_TOKEN); "
+                    "/api/v1/admin/* answers 404")
+    await anyio.to_thread.run_sync(_open_data, state)
+    loader = threading.Thread(target=_load_models, args=(state,), name="model-loader", daemon=True)
+    loader.start()
+    stop = threading.Event()
+    snapshotter = threading.Thread(target=_snapshots, args=(state, stop), name="index-snapshots", daemon=True)
+    snapshotter.start()
+    try:
+        yield
+    finally:
+        state.ready = False
+        state.not_ready_reason = "shutting down"
+        stop.set()
+        await anyio.to_thread.run_sync(snapshotter.join)
+        await anyio.to_thread.run_sync(loader.join)
+        await anyio.to_thread.run_sync(_close, state)
+
+
+def _snapshots(state: AppState, stop: threading.Event) -> None:
+    """Index upkeep off the event loop: first load every collection's index (so no request waits
+    for a snapshot load), then snapshots by change count or age, so restarts replay little."""
+    try:
+        collections = [k.collection for k in state.storage.list_keys() if k.type == "recognition"]
+    except Exception:  # noqa: BLE001 - indexes then load on first use
+        log.exception("listing the collections to load failed")
+        collections = []
+    for collection in collections:
+        if stop.is_set():
+            return
+        state.index.warm([collection])
+    period = min(SNAPSHOT_CHECK_S, max(0.05, state.settings.index_snapshot_interval_s))
+    while not stop.wait(period):
+        try:
+            state.index.maybe_snapshot()
+        except Exception:  # noqa: BLE001 - a failed snapshot only costs a longer replay
+            log.exception("index snapshot failed")
+
+
+def _open_data(state: AppState) -> None:
+    from index.collection import IndexRegistry
+    from server.core.service import FaceService
+    from server.storage import open_storage
+
+    settings = state.settings
+    Path(settings.data_dir).mkdir(parents=True, exist_ok=True)
+    state.storage = open_storage(settings)
+    if settings.seed_demo_keys:
+        seeded = state.storage.seed_demo_keys()
+        log.info("CompreFace demo keys: %s", ", ".join(f"{mask_key(k.key)} ({k.type})" for k in seeded))
+    state.index = IndexRegistry(
+        Path(settings.data_dir) / INDEX_DIR, state.storage, exact_below=settings.index_exact_below,
+        M=settings.index_m, ef_construction=settings.index_ef_construction, ef_search=settings.index_ef_search,
+        escalate_distance=settings.index_escalate_distance, escalate_ef=settings.index_escalate_ef,
+        snapshot_every=settings.index_snapshot_every, snapshot_interval_s=settings.index_snapshot_interval_s,
+        build_threads=settings.index_build_threads,
+    )
+    # several replicas on one database (PostgreSQL): follow the changes the others commit
+    follow = getattr(state.storage, "start_follower", None)
+    if follow is not None:
+        follow(state.index.catch_up, state.index.drop)
+    state.keys = KeyCache(state.storage)
+    # Collection calls (subjects, lists, deletes) work from here on; images wait for the models.
+    state.service = FaceService(settings, state.storage, state.index, pipeline=None, plugins=None)
+    state.not_ready_reason = "loading models"
+
+
+def _load_models(state: AppState) -> None:
+    from server.inference import create_backend
+    from server.inference.batcher import create_batcher
+    from server.modelbuild.repository import ensure_built
+    from server.vision.pipeline import FacePipeline
+    from server.vision.plugins import PluginRegistry
+
+    settings = state.settings
+    try:
+        ensure_built(settings.model_dir)
+        # the micro-batcher (unless settings.batching is off) coalesces concurrent requests' calls
+        backend = create_batcher(create_backend(settings), settings, state.metrics)
+        state.backend = backend
+        pipeline = FacePipeline.from_settings(settings, backend=backend)
+        if state.metrics is not None:
+            state.metrics.set_detector(pipeline.detector_name)
+        plugins = PluginRegistry(settings, backend, shape_predictor=pipeline.shape_predictor)
+        state.service.pipeline, state.service.plugins = pipeline, plugins
+        state.pipeline, state.plugins = pipeline, plugins
+    except Exception as exc:  # noqa: BLE001 - reported by /ready and the log; liveness stays up
+        log.exception("loading the models from %s failed", settings.model_dir)
+        state.not_ready_reason = f"loading the models failed: {exc}"
+        return
+    state.ready = True
+    state.not_ready_reason = ""
+    log.info("models loaded from %s; ready", settings.model_dir)
+
+
+def _close(state: AppState) -> None:
+    stop_following = getattr(state.storage, "stop_follower", None)
+    if stop_following is not None:  # before the index closes: no catch-up during its final snapshot
+        stop_following()
+    for name in ("index", "storage", "backend"):
+        part = getattr(state, name)
+        close = getattr(part, "close", None)
+        if close is None:
+            continue
+        try:
+            close()
+        except Exception:  # noqa: BLE001 - keep closing the others
+            log.exception("closing the %s failed", name)
+
+
+def run_server(settings: Settings) -> None:
+    """Serve on settings.host:settings.port with uvicorn, one process (the models live in it)."""
+    import uvicorn
+
+    config = uvicorn.Config(
+        create_app(settings), host=settings.host, port=settings.port, workers=1,
+        log_level="info", access_log=False, server_header=False, proxy_headers=True,
+        timeout_keep_alive=30,
+    )
+    uvicorn.Server(config).run()

@@ -1,0 +1,227 @@
+"""The one table of CompreFace errors, and the one place that renders them.
+
+Handlers raise `ApiError` (usually through the constructors below); `render_error` turns it
+into CompreFace's body `{"message": str, "code": int}` (that key order, like
+`common/dto/ExceptionResponseDto.java`).
+
+Codes, statuses and messages follow CompreFace 1.2.0 (`CommonExceptionCode.java` and the
+exception classes named per entry; see docs/compreface-behaviour.md). Where CompreFace
+answers with an empty body (Spring's default for type mismatches: a non-numeric `limit`,
+a non-boolean `status`, a non-UUID path id, malformed JSON) we answer with the same 400 status
+but a CompreFace-style JSON body, so that clients always get `{"message", "code"}`:
+  - a parameter value of the wrong type (query/form field, path id) -> code 26, as CompreFace's
+    own validation errors for parameters (`limit` < 0 and friends) use 26;
+  - an unreadable body (malformed JSON, wrong JSON types, broken multipart) -> code 0,
+    CompreFace's "undefined" code.
+Other choices where CompreFace has no JSON answer:
+  - unknown route -> 404, code 0;
+  - request body larger than `max_body_size` -> 413, code 0, JSON (CompreFace's nginx sends HTML);
+  - unsupported Content-Type on an image endpoint -> 415, code 0 (Spring: 415, empty body);
+  - inference queue full -> 503, code 60 with Retry-After; request deadline passed -> 503, code 61
+    (server/inference/batcher.py defines both; CompreFace has no equivalent).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+from starlette.responses import Response
+
+# CompreFace's generic message (ResponseExceptionHandler.buildBody()).
+SOMETHING_WENT_WRONG = "Something went wrong, please try again"
+
+
+class ApiError(Exception):
+    """An error that is part of the API: HTTP status + CompreFace code + message."""
+
+    def __init__(self, status: int, code: int, message: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.headers = headers
+
+    def body(self) -> dict[str, Any]:
+        return {"message": self.message, "code": self.code}
+
+    def __repr__(self) -> str:
+        return f"ApiError({self.status}, {self.code}, {self.message!r})"
+
+
+# ---------------------------------------------------------------------------- the table
+# code 0 UNDEFINED (400): handleUndefinedExceptions
+def undefined(message: str = SOMETHING_WENT_WRONG) -> ApiError:
+    return ApiError(400, 0, message)
+
+
+# code 0, 404: handleHttpRequestMethodNotSupported
+def method_not_supported(method: str) -> ApiError:
+    return ApiError(404, 0, f"Request method '{method}' not supported")
+
+
+# code 5 EMPTY_REQUIRED_FIELD: EmptyRequiredFieldException (Java field name, e.g. "content")
+def empty_required_field(java_field: str) -> ApiError:
+    return ApiError(400, 5, f"Field {java_field} cannot be empty")
+
+
+# code 10 MODEL_NOT_FOUND (404): ModelNotFoundException; service is Recognition/Detection/Verification
+def model_not_found(key: str, service: str) -> ApiError:
+    return ApiError(404, 10, f"{service} service with API Key {key} not found")
+
+
+# code 20 MISSING_REQUEST_HEADER: handleMissingRequestHeader
+def missing_header(name: str) -> ApiError:
+    return ApiError(400, 20, f"Missing header: {name}")
+
+
+# code 21 UNAVAILABLE_FILE_EXTENSION: FileExtensionException (brackets are literal)
+def bad_extension(filename: str | None) -> ApiError:
+    return ApiError(400, 21, f"File [{'null' if filename is None else filename}] has an unavailable extension")
+
+
+# code 21 as well: InvalidBase64Exception
+def not_base64() -> ApiError:
+    return ApiError(400, 21, "Provided value is not Base64")
+
+
+# code 26 VALIDATION_CONSTRAINT_VIOLATION
+def bad_key_format() -> ApiError:  # BadFormatModelKeyException
+    return ApiError(400, 26, "Service API key should be UUID")
+
+
+def constraint_violations(messages: list[str]) -> ApiError:
+    """Method-level validation (@Min, @NotBlank on parameters): every message + "; "."""
+    return ApiError(400, 26, "".join(f"{m}; " for m in messages))
+
+
+def field_constraint(message: str) -> ApiError:
+    """@Valid request body, @NotBlank / @Size failed: the message alone (no "; ")."""
+    return ApiError(400, 26, message)
+
+
+def bad_parameter(name: str, value: str, expected: str) -> ApiError:
+    """A parameter of the wrong type (CompreFace: 400 with an empty body; see module doc)."""
+    return ApiError(400, 26, f"Parameter '{name}' must be {expected}, got '{value}'")
+
+
+LIMIT_MIN = "Limit should be equal or greater than 0"
+PREDICTION_COUNT_MIN = "prediction_count should be equal or greater than 1"
+SUBJECT_NAME_IS_EMPTY = "Subject name is empty"
+SUBJECT_NAME_BLANK = "Subject name cannot be empty"
+SUBJECT_NAME_SIZE = "Subject name size must be between 1 and 50"
+
+
+# code 28 NO_FACES_FOUND: NoFacesFoundException; also every core 400 (bad image, bad threshold)
+def no_face() -> ApiError:
+    return ApiError(400, 28, "No face is found in the given image")
+
+
+# code 31 TOO_MANY_FACES: TooManyFacesException
+def too_many_faces() -> ApiError:
+    return ApiError(400, 31, "More than one face in the source image")
+
+
+# code 33 MISSING_REQUEST_PARAMETER / 34 MISSING_REQUEST_PART
+def missing_parameter(name: str) -> ApiError:
+    return ApiError(400, 33, f"Required parameter {name} is missing")
+
+
+def missing_part(name: str) -> ApiError:
+    return ApiError(400, 34, f"Required part {name} is missing")
+
+
+# code 36 INCORRECT_ARGUMENT: PatternMatchException (SubjectDto's pattern)
+def subject_pattern() -> ApiError:
+    return ApiError(400, 36, "The name cannot contain the following special characters: ';', '/', '\\'")
+
+
+# code 37 WRONG_EMBEDDING_COUNT: WrongEmbeddingCountException
+def wrong_embedding_count(expected: int, provided: int) -> ApiError:
+    return ApiError(400, 37, f"{expected} embeddings were expected, but {provided} were provided")
+
+
+# code 41 FACES_SERVICE_EXCEPTION (500): the inference side failed
+def faces_service(detail: str) -> ApiError:
+    return ApiError(500, 41, f"Error during synchronization between servers: {detail}")
+
+
+# code 42 SUBJECT_NOT_FOUND (404) / 43 SUBJECT_ALREADY_EXISTS (400)
+def subject_not_found(name: str) -> ApiError:
+    return ApiError(404, 42, f"Subject {name} not found")
+
+
+def subject_exists() -> ApiError:
+    return ApiError(400, 43, "Subject already exists")
+
+
+# code 44 EMBEDDING_NOT_FOUND (404): EmbeddingNotFoundException / IncorrectImageIdException
+def image_not_found(image_id: str) -> ApiError:
+    return ApiError(404, 44, f"Image {image_id} not found")
+
+
+def image_id_incorrect() -> ApiError:
+    return ApiError(404, 44, "Image Id is incorrect")
+
+
+# ---------------------------------------------------------------------------- our own
+def route_not_found(method: str, path: str) -> ApiError:
+    return ApiError(404, 0, f"No handler found for {method} {path}")
+
+
+def body_too_large(limit: int) -> ApiError:
+    return ApiError(413, 0, f"Request body is larger than {limit} bytes")
+
+
+def body_timeout(seconds: float) -> ApiError:
+    """The client stopped sending its body (a slow or stalled client): not CompreFace's (it has none)."""
+    return ApiError(408, 0, f"Request body was not received within {seconds:g} s")
+
+
+def unsupported_media_type(content_type: str) -> ApiError:
+    return ApiError(415, 0, f"Content type '{content_type}' not supported")
+
+
+def unreadable_body(detail: str) -> ApiError:
+    return ApiError(400, 0, f"Required request body is missing or unreadable: {detail}")
+
+
+def subject_without_faces(name: str) -> ApiError:
+    """POST /subjects/{subject}/verify (our extension) on a subject that has no examples."""
+    return ApiError(400, 0, f"Subject {name} has no faces to verify against")
+
+
+def too_many_items(limit: int, got: int) -> ApiError:
+    """A bulk request (our extension) with more items than one request may carry."""
+    return ApiError(400, 0, f"At most {limit} items per request, got {got}")
+
+
+def admin_unauthorized(message: str) -> ApiError:
+    return ApiError(401, 0, message)
+
+
+def not_ready(detail: str) -> ApiError:
+    return ApiError(503, 0, f"Service is not ready: {detail}")
+
+
+def from_batcher(exc: Exception) -> ApiError:
+    """server.inference.batcher's Overloaded (503, code 60, Retry-After) / DeadlineExceeded (503, code 61) /
+    Cancelled: the exception carries its own http_status, code and message."""
+    retry = getattr(exc, "retry_after_s", None)
+    return ApiError(int(getattr(exc, "http_status")), int(getattr(exc, "code")), str(getattr(exc, "message")),
+                    headers={"Retry-After": str(retry)} if retry is not None else None)
+
+
+def overloaded(retry_after_s: int) -> ApiError:
+    """Too many requests already wait for inference (admission in server/http/state.py): the same
+    503 / code 60 / message as the batcher's Overloaded, refused before any work is done."""
+    return ApiError(503, 60, f"Server is overloaded, please retry after {retry_after_s} s",
+                    headers={"Retry-After": str(retry_after_s)})
+
+
+# ---------------------------------------------------------------------------- rendering
+def error_response(err: ApiError) -> Response:
+    headers = dict(err.headers or {})
+    if err.status == 401:
+        headers["WWW-Authenticate"] = "Bearer"
+    return Response(orjson.dumps(err.body()), status_code=err.status, media_type="application/json",
+                    headers=headers or None)

@@ -1,0 +1,86 @@
+"""Module map of the project: one line per module of server/ and index/, with the project modules it imports.
+
+    python tools/modmap.py [--stats]
+
+Reads the source with ``ast`` (nothing is imported, so it runs without the dependencies). Imports inside
+functions count too (they are the lazy GPU paths and CLI commands). ``--stats`` adds totals: modules,
+import edges, and edges that climb from a lower layer to a higher one (see LAYERS).
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = ("server", "index")
+
+
+def module_name(path: Path) -> str:
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def modules() -> dict[str, Path]:
+    found = {}
+    for package in PACKAGES:
+        for path in sorted((ROOT / package).rglob("*.py")):
+            found[module_name(path)] = path
+    return found
+
+
+def resolve(current: str, is_package: bool, node: ast.ImportFrom) -> str:
+    if node.level == 0:
+        return node.module or ""
+    base = current.split(".")
+    if not is_package:
+        base = base[:-1]
+    if node.level > 1:
+        base = base[: len(base) - (node.level - 1)]
+    return ".".join(base + ([node.module] if node.module else []))
+
+
+def imports_of(name: str, path: Path, known: dict[str, Path]) -> set[str]:
+    tree = ast.parse(path.read_text(), str(path))
+    is_package = path.name == "__init__.py"
+    out: set[str] = set()
+
+    def add(target: str) -> None:
+        # the longest known module that prefixes the target
+        while target and target not in known:
+            target = target.rpartition(".")[0]
+        if target and target != name:
+            out.add(target)
+
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                add(alias.name)
+        elif isinstance(node, ast.ImportFrom):
+            base = resolve(name, is_package, node)
+            for alias in node.names:
+                full = f"{base}.{alias.name}" if base else alias.name
+                add(full if full in known else base)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--stats", action="store_true")
+    args = parser.parse_args()
+    known = modules()
+    edges = 0
+    for name, path in known.items():
+        deps = sorted(imports_of(name, path, known))
+        edges += len(deps)
+        lines = len(path.read_text().splitlines())
+        print(f"{name} ({lines}) -> {', '.join(deps) if deps else '-'}")
+    if args.stats:
+        print(f"# {len(known)} modules, {edges} import edges", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
