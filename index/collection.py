@@ -25,7 +25,8 @@ from typing import Iterable, Protocol
 
 import numpy as np
 
-from .hnsw import IndexCorrupt, VectorIndex, snapshot_files
+from .snapshot import IndexCorrupt, snapshot_files
+from .vector_index import VectorIndex
 
 __all__ = ["ChangeFeed", "IndexRegistry"]
 

@@ -100,7 +100,7 @@ class Settings:
     index_m: int = 20
     index_ef_construction: int = 200
     index_ef_search: int = 64
-    # the second search; 0 turns it off (see index/hnsw.py, VectorIndex)
+    # the second search; 0 turns it off (see index/vector_index.py, VectorIndex)
     index_escalate_distance: float = 0.25
     index_escalate_ef: int = 4096
     # snapshots (a background thread): after this many changes, or when changes are this old

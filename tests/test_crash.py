@@ -34,7 +34,7 @@ import httpx
 import numpy as np
 from PIL import Image
 
-from index.hnsw import _read_manifest
+from index.snapshot import _read_manifest
 from server.config import Settings
 from tests.support.api_server import ADMIN_TOKEN, astronaut
 

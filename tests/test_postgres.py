@@ -29,7 +29,7 @@ from tests.support.pg_cluster import PgCluster, PgUnavailable, wait_until
 psycopg = pytest.importorskip("psycopg", reason="psycopg 3 not installed (pip install -e .[postgres])")
 pytest.importorskip("psycopg_pool", reason="psycopg_pool not installed (pip install -e .[postgres])")
 
-from index.collection import IndexRegistry  # noqa: E402
+from index import IndexRegistry  # noqa: E402
 from server.storage.postgres import PostgresStorage, redact  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -16,7 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import index.hnsw as hnsw
+import index.exact as exact
+import index.vector_index as vector_index
 from index import IndexRegistry, VectorIndex
 from benchmarks.index import exact_top1, generate, queries, recall
 from server.config import Settings
@@ -111,8 +112,8 @@ def test_memory_per_face(built20k, tmp_path):
 def small_sync_build(monkeypatch):
     """Graphs above 500 vectors are built in the background (the default is 4096: slower here), and
     exact search takes its queries in blocks of a few (as a million-face rebuild would)."""
-    monkeypatch.setattr(hnsw, "_SYNC_BUILD_MAX", 500)
-    monkeypatch.setattr(hnsw, "_EXACT_BLOCK", 50_000)
+    monkeypatch.setattr(vector_index, "_SYNC_BUILD_MAX", 500)
+    monkeypatch.setattr(exact, "_EXACT_BLOCK", 50_000)
 
 
 def fill_storage(store: SqliteStorage, collection: str, vectors: np.ndarray) -> list:
@@ -235,7 +236,7 @@ def test_snapshot_freezes_the_base_and_never_blocks_writes_or_searches(tmp_path)
 
 
 def test_deleted_slots_are_reused_then_compacted(monkeypatch):
-    monkeypatch.setattr(hnsw, "_COMPACT_MIN", 2000)
+    monkeypatch.setattr(vector_index, "_COMPACT_MIN", 2000)
     rng = np.random.default_rng(23)
     vectors = unit(rng, 4000)
     index = VectorIndex(exact_below=500, **PARAMS)

@@ -109,7 +109,7 @@ def _snapshots(state: AppState, stop: threading.Event) -> None:
 
 
 def _open_data(state: AppState) -> None:
-    from index.collection import IndexRegistry
+    from index import IndexRegistry
     from server.core.service import FaceService
     from server.storage import open_storage
 
