@@ -7,7 +7,7 @@ Arrivals come at a fixed rate whatever the answers, as many independent clients 
 loop of N clients would slow down with the server and never overload it). The client is a
 minimal HTTP/1.1 writer on asyncio streams with the request encoded once: on a 2-core machine a
 general client (httpx) cannot offer more than ~25 requests/s beside the server, this one several
-hundred. Used by tests/test_overload.py.
+hundred. Used by tests/integration/test_overload.py.
 """
 from __future__ import annotations
 

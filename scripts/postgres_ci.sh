@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Makes PostgreSQL's server binaries available for tests/test_postgres.py (idempotent, for CI):
+# Makes PostgreSQL's server binaries available for tests/integration/test_postgres.py (idempotent, for CI):
 #
 #   scripts/postgres_ci.sh          # as root on Debian/Ubuntu: apt-get install postgresql if missing
 #

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Builds the Triton test environment used by tests/test_triton.py (idempotent, ~1 min on first run):
+# Builds the Triton test environment used by tests/integration/test_triton.py (idempotent, ~1 min on first run):
 #
 #   scripts/triton_env.sh            -> .venv-triton/ (override with TRITON_ENV=DIR, interpreter with PYTHON=...)
 #

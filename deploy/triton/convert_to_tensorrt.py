@@ -22,7 +22,7 @@ specific to the GPU and TensorRT version, which is why they are built here and n
 Input types are the ONNX graph's: no --inputIOFormats is passed, and trtexec keeps a UINT8 network input
 as declared (YuNet's image, the age / gender chips; UINT8 network inputs need TensorRT >= 8.5), so
 Triton's TYPE_UINT8 configs match the plans. TensorRT accepts a UINT8 input only straight into a
-Cast, which is how those graphs begin (tests/test_triton.py checks it); --fp16 changes kernels, not I/O types.
+Cast, which is how those graphs begin (tests/integration/test_triton.py checks it); --fp16 changes kernels, not I/O types.
 
 Standard library only (the container has no project packages). --dry-run prints the commands.
 """

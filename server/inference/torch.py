@@ -3,7 +3,7 @@
 For GPU machines that have CUDA and PyTorch but neither TensorRT nor onnxruntime-gpu (Triton
 remains the production GPU path; see deploy/). The same ONNX files and weights as the other
 backends, interpreted node by node (server/inference/onnx_torch.py), so its results equal
-onnxruntime's to float rounding (tests/test_torch_backend.py). torch is imported only when
+onnxruntime's to float rounding (tests/integration/test_torch_backend.py). torch is imported only when
 this backend is chosen (`FR_BACKEND=torch`); it is not a dependency of the server.
 
 Device: `auto` (the first CUDA GPU when torch sees one, else the CPU), `cpu`, `cuda` or `cuda:N`.

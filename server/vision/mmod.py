@@ -37,7 +37,7 @@ MODEL = "face_detector_mmod"
 _INPUT = "image"
 _OUTPUT = "score"
 
-# Constants of mmod_human_face_detector.dat (tests/test_mmod.py checks them against the parsed file).
+# Constants of mmod_human_face_detector.dat (tests/integration/test_mmod.py checks them against the parsed file).
 MEAN = np.array([122.782, 117.001, 104.298], dtype=np.float32)  # input_rgb_image_pyramid's avg_red/green/blue
 PYRAMID_N = 6  # pyramid_down<6>
 PADDING = 10

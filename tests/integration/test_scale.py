@@ -24,7 +24,7 @@ from server.config import Settings
 from server.storage import NewFace, StorageError
 from server.storage.sqlite import SqliteStorage
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SETTINGS = Settings()
 PARAMS = dict(M=SETTINGS.index_m, ef_construction=SETTINGS.index_ef_construction, ef_search=SETTINGS.index_ef_search,
               escalate_distance=SETTINGS.index_escalate_distance, escalate_ef=SETTINGS.index_escalate_ef)

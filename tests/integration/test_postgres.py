@@ -1,4 +1,4 @@
-"""PostgreSQL storage: the storage contract (tests/test_storage.py's checks, re-run here), ordering
+"""PostgreSQL storage: the storage contract (tests/unit/test_storage.py's checks, re-run here), ordering
 of sequences across replicas, the change follower (LISTEN/NOTIFY + catch-up poll), and two real
 server processes on one database.
 
@@ -23,7 +23,7 @@ import pytest
 
 from server.config import Settings
 from server.storage import Storage, StorageError, open_storage
-from tests import test_storage as sqlite_contract
+from tests.unit import test_storage as sqlite_contract
 from tests.support.pg_cluster import PgCluster, PgUnavailable, wait_until
 
 psycopg = pytest.importorskip("psycopg", reason="psycopg 3 not installed (pip install -e .[postgres])")
@@ -32,7 +32,7 @@ pytest.importorskip("psycopg_pool", reason="psycopg_pool not installed (pip inst
 from index import IndexRegistry  # noqa: E402
 from server.storage.postgres import PostgresStorage, redact  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 vec = sqlite_contract.vec
 PROPAGATION_LIMIT_S = 1.0  # the issue's bar: a write through one replica is seen by the other within 1 s
 FIGURES: dict[str, list[float]] = {}  # measured latencies, printed at the end of the module
@@ -75,7 +75,7 @@ def col(store):
 
 
 # ----------------------------------------------------------------------------- the storage contract
-# Every test of tests/test_storage.py that only uses the public Storage API (fixtures `store`, `col`)
+# Every test of tests/unit/test_storage.py that only uses the public Storage API (fixtures `store`, `col`)
 # runs here unchanged against PostgreSQL; the SQLite-specific ones (files, PRAGMAs, private
 # connections, subprocesses) are left out and covered by PostgreSQL-specific tests below.
 _SQLITE_SPECIFIC = ("store._", "SqliteStorage", "sqlite", "PRAGMA", "run_py")

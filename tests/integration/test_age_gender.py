@@ -25,7 +25,7 @@ from server.modelbuild.age_gender import WHEEL_MODELS, WheelError, read_wheel, r
 from server.modelbuild.repository import MANIFEST, TARGETS, build, fingerprint, is_built
 from server.vision.plugins import COMPREFACE_AGE_RANGES, PluginRegistry, age_range_weights, age_ranges
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 LABELS = ROOT / "tests" / "data" / "dev_gender.csv"
 GENDER_ACCURACY_TARGET = 0.95
 

@@ -38,7 +38,7 @@ from index.snapshot import _read_manifest
 from server.config import Settings
 from tests.support.api_server import ADMIN_TOKEN, astronaut
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 R = "/api/v1/recognition"
 ROUNDS = 10
 EMBEDDING_CLIENTS = 7

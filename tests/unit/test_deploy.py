@@ -29,7 +29,7 @@ import yaml
 
 from server.config import Settings
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "deploy" / "k8s"
 DOCKER = ROOT / "deploy" / "docker"
 OVERLAYS = ("cpu", "gpu")

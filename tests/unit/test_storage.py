@@ -30,7 +30,7 @@ from server.storage import (
 )
 from server.storage.sqlite import SqliteStorage
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PYTHON = sys.executable
 UUID_RE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}")
 
@@ -71,7 +71,7 @@ def test_open_storage_sqlite_under_data_dir(tmp_path):
 
 
 def test_open_storage_rejects_other_urls(tmp_path):
-    # postgresql:// is supported now (tests/test_postgres.py); other schemes are refused, naming the options
+    # postgresql:// is supported now (tests/integration/test_postgres.py); other schemes are refused, naming the options
     with pytest.raises(StorageError, match="postgresql"):
         open_storage(Settings(data_dir=tmp_path, database_url="mysql://u@h/db"))
 

@@ -19,7 +19,7 @@ from server.modelbuild.mtcnn_onnx import MODEL_NAMES, build_mtcnn_onnx
 from server.modelbuild.sources import mtcnn_weights_file
 from server.vision.mtcnn import Detections, MtcnnDetector, _Integral, nms
 
-FACEDATA = Path(__file__).resolve().parents[1].parent / "shared" / "facedata" / "dev"
+FACEDATA = Path(__file__).resolve().parents[2].parent / "shared" / "facedata" / "dev"
 
 ASTRONAUT_BOX = np.array([181.05, 62.16, 267.75, 172.05])
 ASTRONAUT_PROB = 0.99999774

@@ -21,7 +21,7 @@ from server.storage import FaceExists, NewFace, SubjectNotFound
 from server.storage.sqlite import SqliteStorage
 from tests.support.api_server import astronaut, blank, encode, live_server, side_by_side
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 R = "/api/v1/recognition"
 
 

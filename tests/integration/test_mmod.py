@@ -21,7 +21,7 @@ from server.modelbuild.sources import MMOD_DAT, dlib_model_file
 from server.vision import mmod
 from server.vision.mmod import MmodDetector
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SHARED = ROOT.parent / "shared" / "facedata" / "dev"
 REFERENCE = json.loads((ROOT / "tests" / "data" / "dlib_mmod_reference.json").read_text())
 ASTRONAUT = "skimage:astronaut"

@@ -23,7 +23,7 @@ from server.modelbuild.dlib_resnet import (
 )
 from server.modelbuild.sources import EMBEDDER_DAT, dlib_model_file
 
-REFERENCE_NPZ = Path(__file__).resolve().parents[1].parent / "shared" / "reference" / "dlib_reference_faces.npz"
+REFERENCE_NPZ = Path(__file__).resolve().parents[2].parent / "shared" / "reference" / "dlib_reference_faces.npz"
 
 
 @pytest.fixture(scope="module")

@@ -30,7 +30,7 @@ from server.vision.alignment import (
     pyramid_down2,
 )
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+SHARED = Path(__file__).resolve().parents[2].parent / "shared"
 FACEDATA = SHARED / "facedata" / "dev"
 REFERENCE = SHARED / "reference" / "dlib_reference_faces.npz"
 ASTRONAUT = "skimage.data.astronaut()"

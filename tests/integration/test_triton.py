@@ -28,7 +28,7 @@ from server.modelbuild.repository import (
     MANIFEST, MODEL_SPECS, PNET_MAX_SIDE, PNET_MIN_SIDE, TENSORRT_PLAN, build, built_target, is_built,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 CONVERT = ROOT / "deploy" / "triton" / "convert_to_tensorrt.py"
 SHARED = ROOT.parent / "shared"
