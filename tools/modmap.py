@@ -15,6 +15,25 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("server", "index")
+# The one-way flow, top to bottom: a module may import its own layer and the ones below it. The longest
+# prefix decides; a module no prefix names is not ranked (entry points: server.__main__, server.cli).
+LAYERS = {
+    "server.cli": 7, "server.__main__": 7,
+    "server.http": 6,
+    "server.wiring": 5, "server.core": 5,
+    "server.vision": 4,
+    "server.modelbuild": 3, "server.inference": 3,
+    "server.storage": 2, "index": 2,
+    "server.config": 1, "server.metrics": 1, "server": 1,
+}
+
+
+def layer(module: str, layers: dict[str, int] = LAYERS) -> int | None:
+    best = None
+    for prefix, rank in layers.items():
+        if (module == prefix or module.startswith(prefix + ".")) and (best is None or len(prefix) > len(best[0])):
+            best = (prefix, rank)
+    return best[1] if best else None
 
 
 def module_name(path: Path) -> str:
@@ -69,17 +88,22 @@ def imports_of(name: str, path: Path, known: dict[str, Path]) -> set[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--stats", action="store_true")
+    parser.add_argument("--stats", action="store_true", help="totals, and every import that climbs a layer")
     args = parser.parse_args()
     known = modules()
     edges = 0
+    climbs = []
     for name, path in known.items():
         deps = sorted(imports_of(name, path, known))
         edges += len(deps)
+        mine = layer(name)
+        climbs += [f"{name} -> {d}" for d in deps if mine is not None and (layer(d) or 0) > mine]
         lines = len(path.read_text().splitlines())
         print(f"{name} ({lines}) -> {', '.join(deps) if deps else '-'}")
     if args.stats:
-        print(f"# {len(known)} modules, {edges} import edges", file=sys.stderr)
+        print(f"# {len(known)} modules, {edges} import edges, {len(climbs)} climbing a layer", file=sys.stderr)
+        for climb in climbs:
+            print(f"#   climbs: {climb}", file=sys.stderr)
 
 
 if __name__ == "__main__":
