@@ -18,7 +18,7 @@ from server.modelbuild import repository
 from server.modelbuild.dlib_format import DlibFormatError, DlibReader
 from server.modelbuild.dlib_mmod import MODEL_NAME, build_mmod_onnx, parse_mmod, read_mmod
 from server.modelbuild.sources import MMOD_DAT, dlib_model_file
-from server.vision.pipeline import mmod
+from server.vision import mmod
 from server.vision.mmod import MmodDetector
 
 ROOT = Path(__file__).resolve().parents[1]
