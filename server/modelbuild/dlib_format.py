@@ -1,4 +1,4 @@
-"""Reader for dlib's binary serialization format (see shared/docs/models.md, section 1).
+"""Reader for dlib's binary serialization format (see ../shared/docs/models.md, section 1).
 
 Only the primitives live here; readers for particular networks build on `DlibReader`.
 """
@@ -88,9 +88,6 @@ class DlibReader:
             raise DlibFormatError(f"bad matrix shape {nr}x{nc}")
         vals = [self.real() for _ in range(nr * nc)]
         return np.asarray(vals, dtype=np.float64).reshape(nr, nc)
-
-    def vector2f(self) -> tuple[float, float]:
-        return self.real(), self.real()
 
     def tensor(self) -> np.ndarray:
         """resizable_tensor: int 2, n, k, nr, nc, then raw little-endian float32 (NCHW)."""

@@ -1,7 +1,7 @@
 """dlib's ResNet face descriptor (`dlib_face_recognition_resnet_model_v1.dat`) -> ONNX.
 
 The .dat file stores no graph: tags and skips leave only a version int, so the reader walks
-the known architecture (dlib's `dnn_face_recognition_ex.cpp`, shared/docs/models.md sections
+the known architecture (dlib's `dnn_face_recognition_ex.cpp`, ../shared/docs/models.md sections
 1-2) and checks every record against it. The builder then replays dlib's forward pass as an
 ONNX graph, folding each affine layer into the convolution before it.
 """
@@ -537,11 +537,3 @@ def _pool(g: _GraphBuilder, cur: _Value, layer: PoolLayer) -> _Value:
     op = "MaxPool" if layer.kind == "max" else "AveragePool"
     name = g.node(op, [cur.name], "pool", kernel_shape=[kh, kw], strides=[sy, sx])
     return _Value(name, (c, _out_size(h, kh, sy, 0), _out_size(w, kw, sx, 0)))
-
-
-def write_embedder_onnx(out_path: Path | str, dat_path: Path | str | None = None) -> Path:
-    """Build and save the model (e.g. to <model_repository>/face_embedder/1/model.onnx)."""
-    out = Path(out_path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_bytes(build_embedder_onnx(dat_path).SerializeToString())
-    return out

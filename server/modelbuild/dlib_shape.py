@@ -1,4 +1,4 @@
-"""Reader for dlib's `shape_predictor` files (shared/docs/models.md, section 4) and the .npz cache.
+"""Reader for dlib's `shape_predictor` files (../shared/docs/models.md, section 4) and the .npz cache.
 
 Layout of the file (dlib/image_processing/shape_predictor.h, serialize()):
     int version (1)

@@ -19,7 +19,7 @@ Graph contract (opset 17, all float32):
 Keras specifics: ``padding="same"`` max-pools with stride 2 equal torch's ``ceil_mode=True``
 here (no padding at the start, a partial window at the end); the spatial PReLUs (slopes [C,1,1])
 are written as Relu(x) - slope * Relu(-x) with BatchNormalization scales: bit-identical to PRelu
-and 1.3-1.5x faster in ONNX Runtime's CPU provider (see _Graph.prelu); the ``Permute((2,1,3))``
+and faster in ONNX Runtime's CPU provider (see _Graph.prelu); the ``Permute((2,1,3))``
 before ``Flatten`` (a (W,H,C) flattening order) is folded into the rows of the first dense
 layer, so the graph flattens NCHW directly.
 """
@@ -68,9 +68,9 @@ class _Graph:
         The negations and the per-channel scale are BatchNormalization nodes (mean 0, var 1,
         eps 0, so exactly a multiply) and ONNX Runtime turns BatchNormalization + Relu and the
         final Add into blocked (NCHWc) depthwise convolutions with fused activation and sum.
-        The result is bit-identical to PRelu (one of the two terms is exactly zero) and 1.3-1.5x
-        faster end to end than a PRelu node, whose [C,1,1]-broadcast CPU kernel is slow and
-        forces layout reorders. Keras shared_axes=[1,2] slopes are (1,1,C).
+        The result is bit-identical to PRelu (one of the two terms is exactly zero) and faster end
+        to end than a PRelu node (docs/benchmarks.md, MTCNN PReLU), whose [C,1,1]-broadcast CPU
+        kernel is slow and forces layout reorders. Keras shared_axes=[1,2] slopes are (1,1,C).
         """
         c = slope.size
         pos = self.node("Relu", [x], f"{name}.pos")

@@ -1,8 +1,10 @@
 """dlib-exact face alignment in numpy: the 5-point shape predictor and get_face_chip.
 
 Ported from dlib 20.0.1 (shape_predictor.h, interpolation.h, image_pyramid.h,
-point_transforms.h); see shared/docs/models.md section 4.  Rectangles use dlib's inclusive
-convention (left, top, right, bottom); points are (x, y) image pixels.
+point_transforms.h); see ../shared/docs/models.md section 4. The compiled loops (the predictor's
+cascade, the chip's bilinear warp) are in server/vision/_kernels.py, dlib's small linear algebra
+(SVD, pseudo-inverse, similarity transform) in server/vision/dlib_linalg.py. Rectangles use
+dlib's inclusive convention (left, top, right, bottom); points are (x, y) image pixels.
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import cv2
 import numpy as np
 
 from server.modelbuild.dlib_shape import load_shape_predictor_npz
+from server.vision.dlib_linalg import matmul, pinv, similarity_transform
 
 CHIP_SIZE = 150
 CHIP_PADDING = 0.25
@@ -69,12 +72,6 @@ class ShapePredictor:
     def load(cls, npz_path: str | Path) -> "ShapePredictor":
         return cls(load_shape_predictor_npz(npz_path))
 
-    @classmethod
-    def from_dat(cls, dat_path: str | Path) -> "ShapePredictor":
-        from server.modelbuild.dlib_shape import read_shape_predictor
-
-        return cls(read_shape_predictor(dat_path))
-
     def predict(self, image: np.ndarray, rect: Sequence[int]) -> np.ndarray:
         """(5,2) float64 landmarks for one face; values are dlib's rounded integer pixels."""
         return self.predict_many(image, [rect])[0]
@@ -103,7 +100,7 @@ class ShapePredictor:
 def mtcnn_box_to_rect(box: Sequence[float]) -> Rect:
     """The rect dlib's HOG detector would give for an MTCNN box (x1, y1, x2, y2[, ...]).
 
-    models.md section 4: centre x unchanged, centre y moved down by 0.068*h, width x1.023,
+    ../shared/docs/models.md section 4: centre x unchanged, centre y moved down by 0.068*h, width x1.023,
     height x0.763 (w = x2 - x1, h = y2 - y1); corners rounded half up like dlib's points.
     """
     x1, y1, x2, y2 = (float(v) for v in list(box)[:4])
@@ -121,7 +118,7 @@ def mtcnn_box_to_rect(box: Sequence[float]) -> Rect:
 
 
 # Where MTCNN's five points (left eye, right eye, nose, mouth left, mouth right) fall in dlib's
-# 150-px chip (padding 0.25): least-squares fit on the reference faces (shared/docs/models.md,
+# 150-px chip (padding 0.25): least-squares fit on the reference faces (../shared/docs/models.md,
 # section 4). Used to give faces found without MTCNN (the MMOD fallback) MTCNN-style landmarks.
 MTCNN_POINTS_IN_CHIP = np.array(
     [[45.27, 41.57], [102.78, 41.23], [73.63, 75.08], [48.34, 102.2], [101.29, 102.0]], dtype=np.float64
@@ -133,261 +130,6 @@ def mtcnn_points(shape5: np.ndarray) -> np.ndarray:
     template above mapped through the chip transform dlib's get_face_chip uses for that shape."""
     m, b = _chip_transform(shape5, CHIP_SIZE, CHIP_PADDING)
     return (MTCNN_POINTS_IN_CHIP @ np.asarray(m).T + np.asarray(b)).astype(np.float32)
-
-
-# ----------------------------------------------------------------------------------------
-# dlib's small dense linear algebra, for bit-compatible chip geometry
-
-
-def _dlib_svd(a: list[list[float]]) -> tuple[list[list[float]], list[float], list[list[float]]]:
-    """dlib svd4(SVD_SKINNY_U, withv=true) in plain Python floats: a (m x n, m >= n) = u diag(q) v^T.
-
-    A line-by-line port (Golub-Reinsch, from dlib/matrix/matrix_la.h) so that the chip geometry
-    has the same rounding as dlib's; numpy's LAPACK SVD differs in the last bits, which flips
-    truncated chip pixels that sit exactly on an integer.
-    """
-    m = len(a)
-    n = len(a[0])
-    eps = 2.220446049250313e-16
-    tol = 2.2250738585072014e-308 / eps
-    u = [list(map(float, row)) for row in a]
-    q = [0.0] * n
-    e = [0.0] * n
-    v = [[0.0] * n for _ in range(n)]
-    g = x = 0.0
-    l = 0
-    for i in range(n):
-        e[i] = g
-        s = 0.0
-        l = i + 1
-        for j in range(i, m):
-            s += u[j][i] * u[j][i]
-        if s < tol:
-            g = 0.0
-        else:
-            f = u[i][i]
-            g = math.sqrt(s) if f < 0 else -math.sqrt(s)
-            h = f * g - s
-            u[i][i] = f - g
-            for j in range(l, n):
-                s = 0.0
-                for k in range(i, m):
-                    s += u[k][i] * u[k][j]
-                f = s / h
-                for k in range(i, m):
-                    u[k][j] += f * u[k][i]
-        q[i] = g
-        s = 0.0
-        for j in range(l, n):
-            s += u[i][j] * u[i][j]
-        if s < tol:
-            g = 0.0
-        else:
-            f = u[i][i + 1]
-            g = math.sqrt(s) if f < 0 else -math.sqrt(s)
-            h = f * g - s
-            u[i][i + 1] = f - g
-            for j in range(l, n):
-                e[j] = u[i][j] / h
-            for j in range(l, m):
-                s = 0.0
-                for k in range(l, n):
-                    s += u[j][k] * u[i][k]
-                for k in range(l, n):
-                    u[j][k] += s * e[k]
-        y = abs(q[i]) + abs(e[i])
-        if y > x:
-            x = y
-    # right-hand transformations
-    for i in range(n - 1, -1, -1):
-        if g != 0.0:
-            h = u[i][i + 1] * g
-            for j in range(l, n):
-                v[j][i] = u[i][j] / h
-            for j in range(l, n):
-                s = 0.0
-                for k in range(l, n):
-                    s += u[i][k] * v[k][j]
-                for k in range(l, n):
-                    v[k][j] += s * v[k][i]
-        for j in range(l, n):
-            v[i][j] = v[j][i] = 0.0
-        v[i][i] = 1.0
-        g = e[i]
-        l = i
-    # left-hand transformations (skinny u: m x n, nothing to pad when m == n)
-    for i in range(n - 1, -1, -1):
-        l = i + 1
-        g = q[i]
-        for j in range(l, n):
-            u[i][j] = 0.0
-        if g != 0.0:
-            h = u[i][i] * g
-            for j in range(l, n):
-                s = 0.0
-                for k in range(l, m):
-                    s += u[k][i] * u[k][j]
-                f = s / h
-                for k in range(i, m):
-                    u[k][j] += f * u[k][i]
-            for j in range(i, m):
-                u[j][i] /= g
-        else:
-            for j in range(i, m):
-                u[j][i] = 0.0
-        u[i][i] += 1.0
-    # diagonalisation of the bidiagonal form
-    eps *= x
-    for k in range(n - 1, -1, -1):
-        iters = 0
-        while True:  # test_f_splitting
-            cancel = False
-            for l in range(k, -1, -1):
-                if abs(e[l]) <= eps:
-                    break
-                if abs(q[l - 1]) <= eps:
-                    cancel = True
-                    break
-            if cancel:
-                c = 0.0
-                s = 1.0
-                l1 = l - 1
-                for i in range(l, k + 1):
-                    f = s * e[i]
-                    e[i] *= c
-                    if abs(f) <= eps:
-                        break
-                    g = q[i]
-                    h = q[i] = math.sqrt(f * f + g * g)
-                    c = g / h
-                    s = -f / h
-                    for j in range(m):
-                        y = u[j][l1]
-                        z = u[j][i]
-                        u[j][l1] = y * c + z * s
-                        u[j][i] = -y * s + z * c
-            # test_f_convergence
-            z = q[k]
-            if l == k:
-                break  # convergence
-            iters += 1
-            if iters > 300:
-                raise ArithmeticError("dlib svd did not converge")
-            x = q[l]
-            y = q[k - 1]
-            g = e[k - 1]
-            h = e[k]
-            f = ((y - z) * (y + z) + (g - h) * (g + h)) / (2 * h * y)
-            g = math.sqrt(f * f + 1.0)
-            f = ((x - z) * (x + z) + h * (y / ((f - g) if f < 0 else (f + g)) - h)) / x
-            c = s = 1.0
-            for i in range(l + 1, k + 1):
-                g = e[i]
-                y = q[i]
-                h = s * g
-                g *= c
-                e[i - 1] = z = math.sqrt(f * f + h * h)
-                c = f / z
-                s = h / z
-                f = x * c + g * s
-                g = -x * s + g * c
-                h = y * s
-                y *= c
-                for j in range(n):
-                    x = v[j][i - 1]
-                    z = v[j][i]
-                    v[j][i - 1] = x * c + z * s
-                    v[j][i] = -x * s + z * c
-                q[i - 1] = z = math.sqrt(f * f + h * h)
-                if z != 0:
-                    c = f / z
-                    s = h / z
-                f = c * g + s * y
-                x = -s * g + c * y
-                for j in range(m):
-                    y = u[j][i - 1]
-                    z = u[j][i]
-                    u[j][i - 1] = y * c + z * s
-                    u[j][i] = -y * s + z * c
-            e[l] = 0.0
-            e[k] = f
-            q[k] = x
-        # convergence
-        if z < 0.0:
-            q[k] = -z
-            for j in range(n):
-                v[j][k] = -v[j][k]
-    return u, q, v
-
-
-def _matmul(a: list[list[float]], b: list[list[float]]) -> list[list[float]]:
-    """dlib's small-matrix product: each entry summed left to right."""
-    out = []
-    for row in a:
-        out_row = []
-        for j in range(len(b[0])):
-            acc = row[0] * b[0][j]
-            for k in range(1, len(b)):
-                acc += row[k] * b[k][j]
-            out_row.append(acc)
-        out.append(out_row)
-    return out
-
-
-def _dlib_pinv(m: list[list[float]]) -> list[list[float]]:
-    """dlib pinv() of a matrix with nr >= nc: v * diag(1/w, tiny w -> 0) * u^T."""
-    u, w, v = _dlib_svd(m)
-    eps = 2.220446049250313e-16 * max(len(m), len(m[0])) * max(w)
-    rw = [(1 / x) if (x >= eps or x <= -eps) else 0.0 for x in w]
-    scaled = [[v[r][c] * rw[c] for c in range(len(w))] for r in range(len(v))]
-    return _matmul(scaled, [list(col) for col in zip(*u)])
-
-
-def _similarity_dlib(from_pts, to_pts) -> tuple[list[list[float]], list[float]]:
-    """dlib find_similarity_transform for one point set, with dlib's operation order."""
-    n = len(from_pts)
-    mf = [0.0, 0.0]
-    mt = [0.0, 0.0]
-    for p, q in zip(from_pts, to_pts):
-        mf[0] += p[0]
-        mf[1] += p[1]
-        mt[0] += q[0]
-        mt[1] += q[1]
-    mf = [mf[0] / n, mf[1] / n]  # dlib::vector /= divides
-    mt = [mt[0] / n, mt[1] / n]
-    sigma_from = 0.0
-    cov = [[0.0, 0.0], [0.0, 0.0]]
-    for p, q in zip(from_pts, to_pts):
-        dx, dy = p[0] - mf[0], p[1] - mf[1]
-        tx, ty = q[0] - mt[0], q[1] - mt[1]
-        sigma_from += dx * dx + dy * dy
-        cov[0][0] += tx * dx
-        cov[0][1] += tx * dy
-        cov[1][0] += ty * dx
-        cov[1][1] += ty * dy
-    sigma_from /= n
-    inv_n = 1.0 / n  # dlib matrix /= scalar multiplies by the reciprocal
-    cov = [[c * inv_n for c in row] for row in cov]
-    u, d, v = _dlib_svd(cov)
-    s = [1.0, 1.0]
-
-    def det(m):
-        return m[0][0] * m[1][1] - m[0][1] * m[1][0]
-
-    det_cov = det(cov)
-    if det_cov < 0 or (det_cov == 0 and det(u) * det(v) < 0):
-        if d[1] < d[0]:
-            s[1] = -1.0
-        else:
-            s[0] = -1.0
-    us = [[u[i][j] * s[j] for j in range(2)] for i in range(2)]
-    r = _matmul(us, [list(col) for col in zip(*v)])
-    c = 1.0
-    if sigma_from != 0:
-        c = 1.0 / sigma_from * (d[0] * s[0] + d[1] * s[1])
-    m = [[r[i][j] * c for j in range(2)] for i in range(2)]
-    t = [mt[i] - (m[i][0] * mf[0] + m[i][1] * mf[1]) for i in range(2)]
-    return m, t
 
 
 # ----------------------------------------------------------------------------------------
@@ -437,7 +179,7 @@ def _chip_transform(shape5: np.ndarray, size: int, padding: float) -> tuple[list
     k = 1.0 / (2 * padding + 1)  # dlib: (padding + p) / (2*padding + 1) on a matrix multiplies by 1/x
     template = [((padding + x) * k * size, (padding + y) * k * size) for x, y in _TEMPLATE5.tolist()]
     points = [(float(x), float(y)) for x, y in np.asarray(shape5, np.float64).reshape(-1, 2)]
-    return _similarity_dlib(template, points)
+    return similarity_transform(template, points)
 
 
 def _chip_details(shape5: np.ndarray, size: int, padding: float) -> tuple[_DRect, float]:
@@ -484,9 +226,9 @@ def _affine_from_corners(rows: int, cols: int, tl, tr, bl) -> tuple[np.ndarray, 
     """dlib find_affine_transform for chip (0,0)->tl, (cols-1,0)->tr, (0,rows-1)->bl: Q * pinv(P)."""
     key = (rows, cols)
     if key not in _PINV_CACHE:  # P depends only on the chip size
-        _PINV_CACHE[key] = _dlib_pinv([[0.0, cols - 1.0, 0.0], [0.0, 0.0, rows - 1.0], [1.0, 1.0, 1.0]])
+        _PINV_CACHE[key] = pinv([[0.0, cols - 1.0, 0.0], [0.0, 0.0, rows - 1.0], [1.0, 1.0, 1.0]])
     q = [[tl[0], tr[0], bl[0]], [tl[1], tr[1], bl[1]]]
-    m = _matmul(q, _PINV_CACHE[key])
+    m = matmul(q, _PINV_CACHE[key])
     return np.array([[m[0][0], m[0][1]], [m[1][0], m[1][1]]]), np.array([m[0][2], m[1][2]])
 
 

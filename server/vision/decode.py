@@ -167,10 +167,11 @@ def decode_image(data: bytes) -> np.ndarray:
 
 
 def _decode_jpeg_fast(img: Image.Image, data: bytes) -> np.ndarray | None:
-    """A complete colour JPEG through OpenCV's decoder: ~2.5x faster than Pillow's path here, and
-    pixel-identical to it (the same libjpeg-turbo settings; checked on every JPEG of the dev set,
-    EXIF orientation included, which IMREAD_COLOR applies). Anything else (grayscale, CMYK, a file
-    without its end marker, which Pillow reports as truncated) goes the Pillow way: None."""
+    """A complete colour JPEG through OpenCV's decoder: faster than Pillow's path here
+    (docs/benchmarks.md, JPEG decoding), and pixel-identical to it (the same libjpeg-turbo
+    settings; checked on every JPEG of the dev set, EXIF orientation included, which IMREAD_COLOR
+    applies). Anything else (grayscale, CMYK, a file without its end marker, which Pillow reports
+    as truncated) goes the Pillow way: None."""
     if img.format != "JPEG" or img.mode != "RGB" or not data.endswith(b"\xff\xd9"):
         return None
     bgr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)

@@ -58,14 +58,6 @@ _MIN_LEVEL_HEIGHT = 5  # compute_tiled_image_pyramid_details stops below this
 # dlib's bilinear resize_image, replayed exactly
 # ---------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
-class _Axis:
-    """Sampling positions of one axis of dlib's resize_image."""
-
-    lo: np.ndarray  # int64 index of the left/top source sample
-    hi: np.ndarray  # int64 index of the right/bottom sample
-
-
-@dataclass(frozen=True)
 class _Columns:
     simd: int  # columns [0, simd) take the float32 SIMD path, the rest the scalar path
     lo: np.ndarray

@@ -1,7 +1,7 @@
 """MTCNN face detection cascade (P-Net -> R-Net -> O-Net) over an inference backend.
 
 A faithful port of facenet-pytorch's ``detect_face`` (the reference behaviour; see
-docs/models.md section 3), restructured for speed:
+../shared/docs/models.md section 3), restructured for speed:
 
 - torch's ``interpolate(mode="area")`` is an adaptive average pool; it is computed exactly from
   one integer integral image per input image (window sums of uint8 pixels are exact integers),
@@ -22,6 +22,7 @@ import cv2
 import numpy as np
 
 from server.inference.base import Backend
+from server.vision.types import Detections
 
 PNET = "face_detector_pnet"
 RNET = "face_detector_rnet"
@@ -29,29 +30,6 @@ ONET = "face_detector_onet"
 _INPUT = "image"
 _F32 = np.float32
 _MAX_SIDE = 2896  # keeps the detection image's int32 integral exact (2896**2 * 255 < 2**31)
-
-
-@dataclass(frozen=True)
-class Detections:
-    """Faces of one image in original-image pixels, sorted by probability (descending).
-
-    boxes: (n,4) x_min, y_min, x_max, y_max; probs: (n,); landmarks: (n,5,2) (x, y) of left eye,
-    right eye, nose, mouth left, mouth right.
-    """
-
-    boxes: np.ndarray
-    probs: np.ndarray
-    landmarks: np.ndarray
-    # (n,4) dlib rects (left, top, right, bottom) for the shape predictor, when the detector gives
-    # them itself (the MMOD fallback); None: re-mapped from the MTCNN boxes (mtcnn_box_to_rect)
-    rects: np.ndarray | None = None
-
-    def __len__(self) -> int:
-        return int(self.probs.shape[0])
-
-    @staticmethod
-    def empty() -> "Detections":
-        return Detections(np.zeros((0, 4), _F32), np.zeros((0,), _F32), np.zeros((0, 5, 2), _F32))
 
 
 @dataclass
@@ -101,7 +79,7 @@ class MtcnnDetector:
     @staticmethod
     def dlib_rect(box: Sequence[float], landmarks=None) -> tuple[int, int, int, int]:
         """The rect dlib's HOG detector would give for this box (alignment.mtcnn_box_to_rect);
-        MTCNN's box alone places it best (docs/models.md section 4), the landmarks are not used."""
+        MTCNN's box alone places it best (../shared/docs/models.md section 4), the landmarks are not used."""
         from server.vision.alignment import mtcnn_box_to_rect
 
         return mtcnn_box_to_rect(box)

@@ -4,13 +4,12 @@
     faces = pipeline.faces(rgb, det_prob_threshold=0.85, limit=0)   # list[Face], biggest first
     vec = pipeline.embed_chip(rgb)                                   # detect_faces=false
 
-Models are reached only through a Backend (server/backends), so a micro-batcher or a remote
+Models are reached only through a Backend (server/inference), so a micro-batcher or a remote
 Triton server can stand in for in-process ONNX Runtime without this module changing.
 """
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import cv2
@@ -18,31 +17,12 @@ import numpy as np
 
 from server.inference.base import Backend
 from server.config import Settings
+from server.vision.types import Detections, Face
 
 EMBEDDER = "face_embedder"
 SHAPE_PREDICTOR_FILE = "shape_predictor_5.npz"
 CHIP_SIZE = 150
 _MAX_PADDED_SIDE = 4096  # the padded retry is for crops; a larger image has room for its faces
-
-
-@dataclass
-class Face:
-    """One face in original image pixels."""
-
-    box: tuple[int, int, int, int]  # x_min, y_min, x_max, y_max
-    probability: float
-    # (5, 2) the detector's points, CompreFace's order: image-left eye, image-right eye, nose, mouth
-    # corner on the image's left, on its right
-    landmarks: np.ndarray
-    embedding: np.ndarray | None = None  # (128,) raw dlib descriptor, not normalised
-    # (5, 2) dlib 5-point shape the embedder's chip was cut from (set with the embedding); the age
-    # and gender plugins cut their chips from it (PluginRegistry.face_shapes fills it when unset)
-    shape: np.ndarray | None = None
-    timings_ms: dict[str, float] = field(default_factory=dict)  # stage -> ms, shared by the request
-
-    @property
-    def area(self) -> int:
-        return max(0, self.box[2] - self.box[0]) * max(0, self.box[3] - self.box[1])
 
 
 FALLBACKS = ("none", "mmod")
@@ -83,7 +63,7 @@ class FacePipeline:
         """'yunet' or 'mtcnn': the detector that finds this pipeline's faces (FR_DETECTOR)."""
         return self.detector.name
 
-    def detect(self, image: np.ndarray, det_prob_threshold: float) -> "Detections":
+    def detect(self, image: np.ndarray, det_prob_threshold: float) -> Detections:
         """The detector on the image; when no face passes the threshold, once more on the image padded by
         `pad_retry` x its longest side on every side (black), with the results mapped back; then,
         when configured, the MMOD fallback (detect_fallback).
@@ -109,9 +89,9 @@ class FacePipeline:
                 return extra
         return det
 
-    def detect_fallback(self, image: np.ndarray) -> "Detections":
+    def detect_fallback(self, image: np.ndarray) -> Detections:
         """dlib's CNN MMOD detector (FR_DETECT_FALLBACK=mmod), for when the detector finds no face: it sees
-        faces the detectors miss (profiles, heavy pose), at a cost (~0.1-0.7 s for a 640x480 photo).
+        faces the detectors miss (profiles, heavy pose), at a cost (docs/benchmarks.md, MMOD fallback).
 
         Its rects go to the shape predictor as they are (dlib's own pipeline); the landmarks are
         MTCNN-style points placed by the 5-point shape (alignment.mtcnn_points), and the
@@ -119,7 +99,6 @@ class FacePipeline:
         0.98 for a clear face (confidence ~1). A choice that keeps det_prob_threshold meaningful,
         not a calibrated probability."""
         from server.vision.alignment import mtcnn_points
-        from server.vision.mtcnn import Detections
 
         rects, scores = self.fallback.detect(image)
         if len(rects) == 0:
@@ -216,7 +195,7 @@ def create_detector(settings: Settings, backend: Backend):
     return cls(backend, max_side=settings.max_detect_side, max_upscale=settings.detect_max_upscale)
 
 
-def _passes(det: "Detections", threshold: float) -> bool:
+def _passes(det: Detections, threshold: float) -> bool:
     return bool((det.probs > threshold).any())
 
 

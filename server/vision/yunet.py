@@ -10,9 +10,9 @@ images of concurrent requests into one network call, and a TensorRT engine needs
 
 1. Letterbox: an image whose longest side exceeds `max_side` (CompreFace's 640) is scaled down to
    it (INTER_AREA); a smaller one is enlarged towards it, by at most `max_upscale` (2x by default,
-   INTER_LINEAR): faces under ~15 px are found far more often at twice their size (dev-set recall
-   0.63 -> 0.79). The image goes in the top-left corner of the smallest canvas that holds it, the
-   rest is black.
+   INTER_LINEAR): faces under ~15 px are found far more often at twice their size
+   (docs/benchmarks.md, YuNet upscale). The image goes in the top-left corner of the smallest
+   canvas that holds it, the rest is black.
 2. The network (server/modelbuild/yunet.py) gives per stride s in (8, 16, 32) and per cell (row r,
    column c): cls, obj, box (dx, dy, log w, log h) and 5 landmark offsets, in stride units.
    score = sqrt(cls * obj); centre = ((c + dx) s, (r + dy) s), size = (exp(lw) s, exp(lh) s);
@@ -37,7 +37,7 @@ import numpy as np
 
 from server.inference.base import Backend
 from server.modelbuild.yunet import INPUT_NAME, MODEL_NAME, STRIDES
-from server.vision.mtcnn import Detections
+from server.vision.types import Detections
 
 _F32 = np.float32
 # Canvas sizes (height, width), smallest first: an image goes to the first that holds it.
@@ -47,7 +47,7 @@ SCORE_FLOOR = 0.3  # raw scores below this are never faces worth reporting (prob
 
 # Raw YuNet score -> probability that the box is a face: piecewise-linear through these knots,
 # the precision measured on ../shared/facedata/dev/detection_gt.json at each score
-# (`python -m benchmarks.pipeline yunet-calibration`; README, Detection).
+# (docs/benchmarks.md, YuNet calibration).
 CALIBRATION_SCORES = (0.30, 0.40, 0.50, 0.55, 0.60, 0.65, 0.70, 0.75, 0.80, 0.85, 0.90, 0.95, 1.00)
 CALIBRATION_PROBS = (0.3889, 0.8374, 0.8374, 0.9366, 0.9366, 0.9516, 0.9516, 0.9655, 0.9741, 0.9937, 0.9959, 1.0, 1.0)
 
@@ -202,10 +202,9 @@ class YunetDetector:
 # YuNet's five points -> the rect dlib's HOG detector gives for the face (the 5-point shape predictor's
 # start): centre = eye centre + (DX, DY) x the eye-centre-to-mouth-centre distance, side = SIDE x that
 # distance. Median ratios over the 298 of dlib's 302 reference faces (../shared/reference) that YuNet
-# finds, fitted before small images were enlarged 2x (a box-only mapping gave 0.080 there, a 44-parameter
-# linear fit of box and points 0.074, these 0.074). `python -m benchmarks.pipeline yunet-rect-fit` refits them
-# and measures: with these, descriptors lie 0.069 from dlib's own on average (p95 0.245); refitted
-# today (-0.020, 0.494, 2.261), 0.067 (p95 0.208). The similarity coefficients were fitted with these.
+# finds, fitted before small images were enlarged 2x; as good as a 44-parameter linear fit of box and
+# points, better than a box-only mapping, and a refit today gains little (docs/benchmarks.md, YuNet rect
+# fit). The similarity coefficients were fitted with these, so they stay.
 RECT_DX, RECT_DY, RECT_SIDE = -0.0332, 0.4571, 2.2842
 
 

@@ -23,7 +23,8 @@ from server.config import Settings
 from server.modelbuild import sources
 from server.modelbuild.age_gender import WHEEL_MODELS, WheelError, read_wheel, reference_inputs
 from server.modelbuild.repository import MANIFEST, TARGETS, build, fingerprint, is_built
-from server.vision.plugins import COMPREFACE_AGE_RANGES, PluginRegistry, age_range_weights, age_ranges
+from server.vision.plugins import PluginRegistry, age_ranges
+from server.vision.plugins.slots import COMPREFACE_AGE_RANGES, age_range_weights
 
 ROOT = Path(__file__).resolve().parents[2]
 LABELS = ROOT / "tests" / "data" / "dev_gender.csv"

@@ -1,6 +1,6 @@
 """dlib-exact alignment: the 5-point shape predictor and get_face_chip, against real dlib outputs.
 
-The reference (shared/reference/dlib_reference_faces.npz) was produced by dlib 20.0.1 on the
+The reference (../shared/reference/dlib_reference_faces.npz) was produced by dlib 20.0.1 on the
 dev photos: HOG rect -> shape_predictor_5 -> get_face_chip(img, shape, 150, 0.25).
 Images are decoded the way dlib saw them: PIL .convert('RGB'), no EXIF transposition.
 """

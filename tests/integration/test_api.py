@@ -1,7 +1,7 @@
 """End-to-end tests of the CompreFace REST API over real HTTP (uvicorn on 127.0.0.1, real models).
 
 One server for the whole module; every test that writes faces uses its own API key (collection).
-Expected codes and messages come from docs/compreface-behaviour.md (CompreFace 1.2.0).
+Expected codes and messages come from ../shared/docs/compreface-behaviour.md (CompreFace 1.2.0).
 """
 from __future__ import annotations
 
@@ -126,7 +126,7 @@ def test_health_ready_config_consistence(http):
 def test_openapi_covers_every_route(server, http):
     doc = http.get("/openapi.json").json()
     documented = {(m.upper(), p) for p, ops in doc["paths"].items() for m in ops}
-    served = {(m, r.path) for r in server.http.app.routes if isinstance(r, Route) for m in r.methods if m != "HEAD"}
+    served = {(m, r.path) for r in server.app.routes if isinstance(r, Route) for m in r.methods if m != "HEAD"}
     assert served == documented
     for (method, path) in documented:
         op = doc["paths"][path][method.lower()]

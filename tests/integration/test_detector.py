@@ -1,7 +1,7 @@
 """MTCNN ONNX conversion (server/modelbuild/mtcnn_onnx.py) and the detection cascade (server/vision/mtcnn.py).
 
 Uses the real weights of the `mtcnn` pip package, converted by our builder into a temporary model
-repository and run with ONNX Runtime. Reference numbers are facenet-pytorch's (docs/models.md §3).
+repository and run with ONNX Runtime. Reference numbers are facenet-pytorch's (../shared/docs/models.md §3).
 """
 from __future__ import annotations
 
@@ -17,7 +17,8 @@ import pytest
 from server.inference.onnxruntime import OnnxRuntimeBackend
 from server.modelbuild.mtcnn_onnx import MODEL_NAMES, build_mtcnn_onnx
 from server.modelbuild.sources import mtcnn_weights_file
-from server.vision.mtcnn import Detections, MtcnnDetector, _Integral, nms
+from server.vision.mtcnn import MtcnnDetector, _Integral, nms
+from server.vision.types import Detections
 
 FACEDATA = Path(__file__).resolve().parents[2].parent / "shared" / "facedata" / "dev"
 

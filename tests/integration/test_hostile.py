@@ -6,7 +6,7 @@ malformed and deeply nested JSON, missing and duplicate parameters, NaN / inf / 
 numbers, bad embeddings, hostile subject names, unknown and malformed ids and keys.
 
 What every case must show:
-- the answer is the one CompreFace gives (status, code, message: docs/compreface-behaviour.md),
+- the answer is the one CompreFace gives (status, code, message: ../shared/docs/compreface-behaviour.md),
   a 4xx for garbage, or a 2xx where CompreFace accepts the input (a unicode subject name, the
   first frame of an animated image), never a 5xx;
 - no hang: every request has a client timeout;

@@ -57,7 +57,8 @@ def _load_reference_image(facedata, source: str) -> np.ndarray:
 
 
 def test_descriptors_close_to_dlib_pipeline(pipeline, facedata, reference_faces):
-    """Our MTCNN-based alignment vs dlib's HOG-based one: same faces, nearby descriptors (models.md §4)."""
+    """Our MTCNN-based alignment vs dlib's HOG-based one: same faces, nearby descriptors
+    (../shared/docs/models.md §4)."""
     ref = reference_faces
     by_source: dict[str, list[int]] = {}
     for i, s in enumerate(ref["source"]):

@@ -18,19 +18,11 @@ from onnx import TensorProto, helper
 from server.inference.base import BackendError
 from server.inference.onnxruntime import OnnxRuntimeBackend
 from server.config import Settings
-from server.vision.pipeline import Face
-from server.vision.plugins import (
-    CROP_SCALE,
-    HEAD_MODEL_MM,
-    MASK_VALUES,
-    PluginRegistry,
-    camera_matrix,
-    estimate_pose,
-    face_crops,
-    line_of_sight_rotation,
-    parse_face_plugins,
-    rotation_from_angles,
-)
+from server.vision.types import Face
+from server.vision.plugins import PluginRegistry, estimate_pose, face_crops, parse_face_plugins
+from server.vision.plugins.crops import CROP_SCALE
+from server.vision.plugins.pose import HEAD_MODEL_MM, camera_matrix, line_of_sight_rotation, rotation_from_angles
+from server.vision.plugins.slots import MASK_VALUES
 
 # The widely used 112x112 ArcFace alignment template of a frontal face (insightface).
 ARCFACE_TEMPLATE = np.array(

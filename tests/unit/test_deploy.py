@@ -38,7 +38,7 @@ K8S_VERSIONS = ("1.27.0", "1.37.0")
 CLUSTER_SCOPED = {"Namespace", "ClusterRole", "ClusterRoleBinding", "PersistentVolume", "StorageClass",
                   "CustomResourceDefinition", "PriorityClass", "APIService"}
 POD_OWNERS = {"Deployment", "StatefulSet", "DaemonSet", "Job", "ReplicaSet"}
-SETTINGS_FIELDS = {f"FR_{f.name.upper()}" for f in fields(Settings) if f.name != "extra"}
+SETTINGS_FIELDS = {f"FR_{f.name.upper()}" for f in fields(Settings)}
 
 
 # ----------------------------------------------------------------------------- a minimal kustomize
