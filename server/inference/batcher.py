@@ -70,8 +70,8 @@ so sizes sit where throughput peaks or plateaus (P-Net 4, R-Net 64, O-Net 16, em
 End to end (astronaut, concurrent threads, configurations interleaved): a 2 ms queue delay
 raised an idle request's p50 from 57 to 100 ms (about 13 model calls each) and bought no
 throughput at 8 or 24 concurrent requests, so the CPU default delay is 0. Instances: in-process,
-one single-threaded instance of each model per core (Settings.model_instances / intra_op_threads):
-two 1-thread streams did ~1.3-1.5x the images/s of one 2-thread stream on 2 cores, and the server
+one single-threaded instance of each model per core (server.inference.model_instances,
+Settings.intra_op_threads): two 1-thread streams did ~1.3-1.5x the images/s of one 2-thread stream on 2 cores, and the server
 went from 15.5 to 20-23 requests/s at 32 clients (python -m benchmarks.server).
 
 HTTP mapping for the API's error table (CompreFace has no equivalent; its JSON shape is kept):
@@ -94,6 +94,7 @@ from typing import TYPE_CHECKING, Iterator, Mapping
 
 import numpy as np
 
+from server.inference import model_instances, names
 from server.inference.base import Backend, BackendError
 
 if TYPE_CHECKING:  # metrics is optional at run time; only its type is needed here
@@ -644,14 +645,8 @@ def _signature(inputs: Mapping[str, np.ndarray]) -> tuple:
 
 
 # ---------------------------------------------------------------------------- from settings
-# Model names as in server/modelbuild/repository.py; settings fields use the short stage names.
-STAGES = {
-    "face_detector_pnet": "pnet",
-    "face_detector_rnet": "rnet",
-    "face_detector_onet": "onet",
-    "face_detector_yunet": "yunet",
-    "face_embedder": "embedder",
-}
+# Model names from server/inference/names.py; settings fields use the short stage names.
+STAGES = {names.PNET: "pnet", names.RNET: "rnet", names.ONET: "onet", names.YUNET: "yunet", names.EMBEDDER: "embedder"}
 
 
 def policies_from_settings(settings: "Settings") -> dict[str, BatchPolicy]:
@@ -662,14 +657,14 @@ def policies_from_settings(settings: "Settings") -> dict[str, BatchPolicy]:
             max_batch_size=getattr(settings, f"batch_{stage}_size"),
             max_queue_delay_ms=getattr(settings, f"batch_{stage}_delay_ms"),
             queue_capacity=getattr(settings, f"batch_{stage}_capacity"),
-            instances=settings.model_instances(),
+            instances=model_instances(settings),
         )
         for model, stage in {**STAGES, **PLUGIN_STAGES}.items()
     }
 
 
 # the age and gender plugins' models (server/vision/plugins.py): their chips coalesce like the embedder's
-PLUGIN_STAGES = {"face_age": "age", "face_gender": "gender"}
+PLUGIN_STAGES = {names.AGE: "age", names.GENDER: "gender"}
 
 
 def create_batcher(inner: Backend, settings: "Settings", metrics: "Metrics | None" = None) -> Backend:

@@ -88,6 +88,7 @@ import cv2
 import numpy as np
 
 from server.inference.base import Backend, BackendError
+from server.inference.names import PLUGIN_MODELS
 from server.config import Settings
 
 if TYPE_CHECKING:  # the pipeline package may import this module; avoid a cycle at run time
@@ -96,7 +97,7 @@ if TYPE_CHECKING:  # the pipeline package may import this module; avoid a cycle 
 # CompreFace slugs in the order they are listed in its docs; `landmarks2d106` is insightface-only.
 KNOWN_PLUGINS: tuple[str, ...] = ("age", "gender", "landmarks", "calculator", "mask", "pose")
 MODEL_PLUGINS: tuple[str, ...] = ("age", "gender", "mask")
-MODEL_NAMES: dict[str, str] = {"age": "face_age", "gender": "face_gender", "mask": "face_mask"}
+MODEL_NAMES: dict[str, str] = PLUGIN_MODELS  # plugin -> model in the repository
 # CompreFace skips these when detect_faces=false (core/constants.py SKIPPED_PLUGINS).
 SKIPPED_WITHOUT_DETECTION: frozenset[str] = frozenset({"pose", "mask"})
 # Keys of CompreFace's PluginsVersionsDto; others are dropped by its Java layer.
