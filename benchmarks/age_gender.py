@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.pipeline import DEFAULT_FACEDATA
+from benchmarks.common import DEFAULT_FACEDATA
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_LABELS = ROOT / "tests" / "data" / "dev_gender.csv"
@@ -115,16 +115,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from server.config import Settings
-    from server.vision.pipeline import FacePipeline
-    from server.vision.plugins import PluginRegistry
+    from server.wiring import build_inference
 
     facedata = Path(args.facedata)
     if not (facedata / "MANIFEST.json").is_file():
         print(f"no dev photos at {facedata}", file=sys.stderr)
         return 2
     settings = Settings.from_env(model_dir=args.model_dir)
-    pipeline = FacePipeline.from_settings(settings)
-    registry = PluginRegistry(settings, pipeline.backend, shape_predictor=pipeline.shape_predictor)
+    inference = build_inference(settings, batching=False)  # one stream of images: nothing to coalesce
+    pipeline, registry = inference.pipeline, inference.plugins
     for plugin in ("age", "gender"):
         if not registry.available(plugin):
             print(f"the {plugin} plugin is not installed: {registry.status()[plugin].get('reason')}", file=sys.stderr)

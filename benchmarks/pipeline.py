@@ -18,12 +18,11 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-import cv2
 import numpy as np
 
+from benchmarks.common import DEFAULT_FACEDATA, fit_image, markdown_table
 from server.config import Settings
-
-DEFAULT_FACEDATA = Path(__file__).resolve().parents[1].parent / "shared" / "facedata" / "dev"
+from server.wiring import build_inference, open_backend
 
 
 def _median_ms(fn, repeat: int, warmup: int = 2) -> float:
@@ -49,20 +48,6 @@ def bench_embedder(pipeline, batches=(1, 8, 32, 64), seconds: float = 3.0) -> li
     return rows
 
 
-def _fit(img: np.ndarray, w: int, h: int) -> np.ndarray:
-    """Centre-crop to the w:h aspect, then resize to w x h."""
-    ih, iw = img.shape[:2]
-    target = w / h
-    if iw / ih > target:
-        cw = int(ih * target)
-        img = img[:, (iw - cw) // 2:(iw - cw) // 2 + cw]
-    else:
-        ch = int(iw / target)
-        img = img[(ih - ch) // 2:(ih - ch) // 2 + ch]
-    interp = cv2.INTER_AREA if img.shape[1] > w else cv2.INTER_LINEAR
-    return np.ascontiguousarray(cv2.resize(img, (w, h), interpolation=interp))
-
-
 def detector_images(facedata: Path | None) -> dict[str, np.ndarray]:
     from server.vision.decode import decode_image
 
@@ -75,10 +60,10 @@ def detector_images(facedata: Path | None) -> dict[str, np.ndarray]:
         one = astronaut()
         many = np.tile(astronaut()[::2, ::2], (2, 3, 1))
     return {
-        "640x480, 1 face": _fit(one, 640, 480),
-        "640x480, many faces": _fit(many, 640, 480),
-        "1920x1080, 1 face": _fit(one, 1920, 1080),
-        "1920x1080, many faces": _fit(many, 1920, 1080),
+        "640x480, 1 face": fit_image(one, 640, 480),
+        "640x480, many faces": fit_image(many, 640, 480),
+        "1920x1080, 1 face": fit_image(one, 1920, 1080),
+        "1920x1080, many faces": fit_image(many, 1920, 1080),
     }
 
 
@@ -404,37 +389,21 @@ def fit_yunet_rect(pipeline, reference: dict, facedata: Path) -> dict:
 # ---------------------------------------------------------------- report
 
 
-def _table(rows: list[dict], fmt: dict[str, str] | None = None) -> str:
-    if not rows:
-        return ""
-    fmt = fmt or {}
-    keys = list(rows[0])
-    out = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
-    for r in rows:
-        out.append("| " + " | ".join(format(r[k], fmt.get(k, ".4g" if isinstance(r[k], float) else ""))
-                                     for k in keys) + " |")
-    return "\n".join(out)
-
-
 def run_pipeline_bench(args: argparse.Namespace) -> dict:
-    from server.inference import create_backend
-    from server.modelbuild.repository import ensure_built
-    from server.vision.pipeline import FacePipeline
-
     settings = Settings.from_env(model_dir=args.model_dir, backend=args.backend, torch_device=args.device,
                                  inference_threads=args.threads, batching=False, detector=args.detector)
-    ensure_built(settings.model_dir)
-    backend = create_backend(settings)
-    pipeline = FacePipeline.from_settings(settings, backend=backend)
+    inference = build_inference(settings, batching=False, plugins=False)
+    backend, pipeline = inference.backend, inference.pipeline
     facedata = Path(args.facedata)
     have_data = facedata.is_dir()
     device = str(getattr(backend, "device", "cpu"))  # torch's; onnxruntime here runs on the CPU
     report: dict = {"threads": args.threads, "backend": settings.backend, "device": device}
     print(f"# pipeline benchmark (backend {settings.backend}, device {device}, {args.threads} CPU inference threads)\n")
     report["embedder"] = bench_embedder(pipeline, tuple(int(b) for b in args.batches.split(",")))
-    print("## embedder\n" + _table(report["embedder"], {"ms_per_batch": ".1f", "faces_per_s": ".0f"}) + "\n")
+    print("## embedder\n" + markdown_table(report["embedder"], {"ms_per_batch": ".1f", "faces_per_s": ".0f"}) + "\n")
     report["detector"] = bench_detector(pipeline, detector_images(facedata if have_data else None))
-    print("## detector (median ms)\n" + _table(report["detector"], {"detect_ms": ".1f", "faces_call_ms": ".1f"}) + "\n")
+    print("## detector (median ms)\n"
+          + markdown_table(report["detector"], {"detect_ms": ".1f", "faces_call_ms": ".1f"}) + "\n")
     if not have_data:
         print(f"(no dev photos at {facedata}: verification and detection accuracy skipped)")
         return report
@@ -444,42 +413,35 @@ def run_pipeline_bench(args: argparse.Namespace) -> dict:
         print(f"## verification on pairs.csv ({v['pairs']} pairs, {v['images']} images, {v['seconds']:.1f} s; "
               f"whole-image fallback for {len(v['whole_image_fallback'])} images)\n")
         print(f"face source per image: {v['face_source']}\n")
-        print(_table(v["groups"], {"acc_raw_0.6": ".4f", "acc_similarity_0.5": ".4f", "acc_calibrated_0.5": ".4f",
-                                   "best_acc": ".4f",
-                                   "best_thr_raw": ".3f", "auc": ".5f"}))
+        print(markdown_table(v["groups"], {"acc_raw_0.6": ".4f", "acc_similarity_0.5": ".4f",
+                                           "acc_calibrated_0.5": ".4f", "best_acc": ".4f",
+                                           "best_thr_raw": ".3f", "auc": ".5f"}))
         print(f"\ncalibrated similarity coefficients on dev pairs: c0={v['calibrated_c0_c1'][0]:.6f} "
               f"c1={v['calibrated_c0_c1'][1]:.6f} (settings use {v['settings_c0_c1']})\n")
         d = bench_detection(pipeline, facedata, settings.face_threshold())
         report["detection"] = d
-        print("## detection on detection_gt.json\n" + _table([d]) + "\n")
+        print("## detection on detection_gt.json\n" + markdown_table([d]) + "\n")
     return report
 
 
 def run_calibration(args: argparse.Namespace) -> dict:
-    from server.inference import create_backend
-    from server.modelbuild.repository import ensure_built
     from server.vision.yunet import YunetDetector
 
     settings = Settings.from_env(model_dir=args.model_dir, batching=False)
-    ensure_built(settings.model_dir)
-    detector = YunetDetector(create_backend(settings), max_side=settings.max_detect_side, max_upscale=settings.detect_max_upscale)
+    detector = YunetDetector(open_backend(settings, batching=False), max_side=settings.max_detect_side,
+                             max_upscale=settings.detect_max_upscale)
     report = calibrate_yunet(detector, Path(args.facedata))
     print(f"# YuNet score calibration on {args.facedata}/detection_gt.json: {report['detections']} detections, "
           f"{report['faces']} of them faces\n")
-    print(_table(report["bins"], {"precision": ".3f"}) + "\n")
+    print(markdown_table(report["bins"], {"precision": ".3f"}) + "\n")
     print("CALIBRATION_SCORES = " + repr(tuple(report["knots"])))
     print("CALIBRATION_PROBS = " + repr(tuple(report["probabilities"])))
     return report
 
 
 def run_rect_fit(args: argparse.Namespace) -> dict:
-    from server.inference import create_backend
-    from server.modelbuild.repository import ensure_built
-    from server.vision.pipeline import FacePipeline
-
     settings = Settings.from_env(model_dir=args.model_dir, batching=False, detector="yunet")
-    ensure_built(settings.model_dir)
-    pipeline = FacePipeline.from_settings(settings, backend=create_backend(settings))
+    pipeline = build_inference(settings, batching=False, plugins=False).pipeline
     reference = dict(np.load(Path(args.reference), allow_pickle=False))
     report = fit_yunet_rect(pipeline, reference, Path(args.facedata))
     print(f"# YuNet points -> dlib rect, fitted on {report['matched']} of {report['faces']} reference faces\n")

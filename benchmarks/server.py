@@ -33,10 +33,11 @@ import httpx
 import numpy as np
 from PIL import Image
 
-from benchmarks.pipeline import _fit, _table
-from server.config import Settings
+from benchmarks.common import fit_image, markdown_table
+from server.config import Settings, usable_cores
+from server.inference import names
+from server.wiring import build_inference
 
-ROOT = Path(__file__).resolve().parents[1]
 ADMIN = "bench-admin-token"
 
 
@@ -45,7 +46,7 @@ def sample_jpeg() -> bytes:
     from skimage.data import astronaut
 
     buf = io.BytesIO()
-    Image.fromarray(_fit(astronaut(), 640, 480)).save(buf, format="JPEG", quality=90)
+    Image.fromarray(fit_image(astronaut(), 640, 480)).save(buf, format="JPEG", quality=90)
     return buf.getvalue()
 
 
@@ -160,16 +161,12 @@ class RawPipeline:
     run)."""
 
     def __init__(self, settings: Settings, jpeg: bytes, layouts: tuple[tuple[int, int], ...] | None = None) -> None:
-        from server.inference import create_backend
-        from server.config import usable_cores
-        from server.vision.pipeline import FacePipeline
-
         cores = usable_cores()
         self.settings, self.jpeg = settings, jpeg
         self.layouts: dict[tuple[int, int], list] = {}  # (threads, streams) -> one pipeline per stream
         for threads, streams in layouts or ((cores, 1), (1, cores)):
             s = settings.with_(inference_threads=threads, batching=False)
-            self.layouts[(threads, streams)] = [FacePipeline.from_settings(s, backend=create_backend(s))
+            self.layouts[(threads, streams)] = [build_inference(s, batching=False, plugins=False).pipeline
                                                 for _ in range(streams)]
 
     def table(self, seconds: float) -> list[dict]:
@@ -269,7 +266,7 @@ def compare_detectors(args: argparse.Namespace, env_extra: dict[str, str]) -> di
                     row[f"{name}_req_per_s"] = got["req_per_s"]
                     row[f"{name}_p50_ms"] = got["p50_ms"]
                     row[f"{name}_p99_ms"] = got["p99_ms"]
-                    det_model = "face_detector_yunet" if name == "yunet" else "face_detector_pnet"
+                    det_model = names.YUNET if name == "yunet" else names.PNET
                     s0, c0 = before.get(det_model, (0.0, 0.0))
                     s1, c1 = after.get(det_model, (0.0, 0.0))
                     row[f"{name}_det_batch"] = (s1 - s0) / (c1 - c0) if c1 > c0 else 0.0
@@ -282,8 +279,8 @@ def compare_detectors(args: argparse.Namespace, env_extra: dict[str, str]) -> di
             srv.stop()
         shutil.rmtree(tmp, ignore_errors=True)
     print("\n# recognize, 1-face 640x480 JPEG, one server per detector, taking turns\n")
-    print(_table(report["levels"], {k: ".1f" for k in report["levels"][0] if k.endswith(("_s", "_ms"))}
-                 | {"ratio": ".2f", "yunet_det_batch": ".2f", "mtcnn_det_batch": ".2f"}))
+    print(markdown_table(report["levels"], {k: ".1f" for k in report["levels"][0] if k.endswith(("_s", "_ms"))}
+                         | {"ratio": ".2f", "yunet_det_batch": ".2f", "mtcnn_det_batch": ".2f"}))
     summary = []
     for n in sorted({r["clients"] for r in report["levels"]}):
         rows = [r for r in report["levels"] if r["clients"] == n]
@@ -295,8 +292,8 @@ def compare_detectors(args: argparse.Namespace, env_extra: dict[str, str]) -> di
                         "mtcnn_p50_ms": statistics.median(r["mtcnn_p50_ms"] for r in rows)})
     report["summary"] = summary
     print("\n## medians over rounds (ratio taken within each round)\n")
-    print(_table(summary, {"yunet_req_per_s": ".1f", "mtcnn_req_per_s": ".1f", "ratio": ".2f",
-                           "yunet_p50_ms": ".1f", "mtcnn_p50_ms": ".1f"}))
+    print(markdown_table(summary, {"yunet_req_per_s": ".1f", "mtcnn_req_per_s": ".1f", "ratio": ".2f",
+                                   "yunet_p50_ms": ".1f", "mtcnn_p50_ms": ".1f"}))
     print(f"\nraw in-process pipeline, one image at a time (1 thread): "
           + ", ".join(f"{k} {v:.1f} ms" for k, v in report["raw_ms"].items()))
     return report
@@ -320,7 +317,6 @@ def main(argv: list[str] | None = None) -> int:
     jpeg = sample_jpeg()
     env_extra = dict(e.split("=", 1) for e in args.env)
     if args.compare_detectors:
-        sys.path.insert(0, str(ROOT))  # the repo's load-test helpers
         report = compare_detectors(args, env_extra)
         if args.out:
             Path(args.out).write_text(json.dumps(report, indent=2))
@@ -330,7 +326,6 @@ def main(argv: list[str] | None = None) -> int:
         settings = settings.with_(backend="torch")
     triton = None
     tmp = Path(tempfile.mkdtemp(prefix="bench-server-"))
-    sys.path.insert(0, str(ROOT))  # the repo's test and load-test helpers
     if args.backend == "triton":
         from server.modelbuild.repository import build
         from tests.support.triton_server import TritonServer, skip_reason
@@ -396,20 +391,20 @@ def main(argv: list[str] | None = None) -> int:
             triton.stop()
         shutil.rmtree(tmp, ignore_errors=True)  # the server's data dir and logs
     print(f"\n# server benchmark: recognize, 1-face 640x480 JPEG, backend {args.backend} {env_extra or ''}\n")
-    print(_table(report["levels"], {"req_per_s": ".1f", "p50_ms": ".0f", "p99_ms": ".0f", "server_cpu_ms": ".1f",
-                                     "loadgen_cpu_ms": ".1f", "one_client": ".1f", "raw_best": ".1f",
-                                     "raw_one_stream": ".1f"}))
+    print(markdown_table(report["levels"], {"req_per_s": ".1f", "p50_ms": ".0f", "p99_ms": ".0f",
+                                            "server_cpu_ms": ".1f", "loadgen_cpu_ms": ".1f", "one_client": ".1f",
+                                            "raw_best": ".1f", "raw_one_stream": ".1f"}))
     print("\n## raw pipeline in-process (JPEG decode -> detect -> align -> embed; no HTTP, no batcher), before the server runs\n")
-    print(_table(report["raw_pipeline"], {"images_per_s": ".1f"}))
+    print(markdown_table(report["raw_pipeline"], {"images_per_s": ".1f"}))
     print(f"\nbest: {best_cfg['streams']} stream(s) x {best_cfg['threads']} thread(s), batch {best_cfg['batch']}; "
           f"best single stream: batch {one_cfg['batch']} (raw_best / raw_one_stream above: the same, re-measured "
           f"right after each level)")
     ratios = level_ratios(report["levels"])
     print("\n## per client count, median over rounds (ratios taken within a round; vs_1_client: against the "
           "round's 1-client level; _adjacent: against 1 client re-measured right after this level)\n")
-    print(_table([{"clients": n, **v} for n, v in ratios.items()],
-                 {"req_per_s": ".1f", "vs_raw_best": ".2f", "vs_raw_one_stream": ".2f", "vs_1_client": ".2f",
-                  "vs_1_client_adjacent": ".2f"}))
+    print(markdown_table([{"clients": n, **v} for n, v in ratios.items()],
+                         {"req_per_s": ".1f", "vs_raw_best": ".2f", "vs_raw_one_stream": ".2f", "vs_1_client": ".2f",
+                          "vs_1_client_adjacent": ".2f"}))
     report["ratios"] = ratios
     if args.out:
         Path(args.out).write_text(json.dumps(report, indent=2))

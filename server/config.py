@@ -111,11 +111,12 @@ class Settings:
     batching: bool = True
     request_timeout_s: float = 30.0  # per-request deadline for queued inference; 0: none
     # request-level admission (server/http/state.py): requests running inference at once (0: auto,
-    # see inflight_limit()) and requests allowed to wait for a slot (a few seconds of work on 2
-    # cores); beyond that a request is refused at once with 503 + Retry-After (code 60), before any work.
+    # see server.inference.inflight_limit) and requests allowed to wait for a slot (a few seconds of
+    # work on 2 cores); beyond that a request is refused at once with 503 + Retry-After (code 60),
+    # before any work.
     max_inflight_inference: int = 0
     max_waiting_inference: int = 64
-    batch_instances: int = 0  # batches of one model running at once; 0: auto, see model_instances()
+    batch_instances: int = 0  # batches of one model running at once; 0: auto, see server.inference.model_instances
     # the age and gender plugins' models (chips of 64 / 32 px): batches of 16, where their throughput
     # levels off (docs/benchmarks.md, Batch sizes), and ~1 s of work queued
     batch_age_size: int = 16
@@ -169,7 +170,9 @@ class Settings:
     def with_(self, **changes) -> "Settings":
         return replace(self, **changes)
 
-    # ---- how inference uses the machine (the auto values of the settings above, in one place).
+    # ---- how inference uses the machine: the auto values of the settings above, intra_op_threads
+    # here, model_instances and inflight_limit in server/inference/__init__.py (they depend on
+    # whether inference runs on this machine's cores, which only the backends can tell: runs_on_cpu).
     # One stream per core on 1-thread sessions does more images/s than one stream on a session with
     # a thread per core: ONNX Runtime's intra-op threads split MTCNN's small convolutions poorly
     # (docs/benchmarks.md, Threads and instances). So with the micro-batcher, each model runs as one
@@ -181,27 +184,6 @@ class Settings:
         if self.inference_threads:
             return self.inference_threads
         return 1 if self.batching else 0  # 0: onnxruntime's default, one per core
-
-    def inference_on_cpu(self) -> bool:
-        """True when inference runs on this machine's cores (ONNX Runtime, or torch without a GPU)."""
-        if self.backend == "onnxruntime":
-            return True
-        if self.backend == "torch":
-            from server.inference.torch import resolve_device
-
-            return resolve_device(self.torch_device) == "cpu"
-        return False
-
-    def model_instances(self) -> int:
-        return self.batch_instances or (usable_cores() if self.inference_on_cpu() else 2)
-
-    def inflight_limit(self) -> int:
-        if self.max_inflight_inference:
-            return self.max_inflight_inference
-        cores = usable_cores()
-        if not self.batching:
-            return max(2, cores)
-        return self.model_instances() + 1 if self.inference_on_cpu() else max(32, 8 * cores)
 
 
 def usable_cores() -> int:

@@ -6,7 +6,7 @@ import logging
 import sys
 from pathlib import Path
 
-from server.core import importer
+from server.cli import importer
 from server.config import Settings
 
 

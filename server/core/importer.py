@@ -1,4 +1,4 @@
-"""Bulk enrolment: `python -m server import --key KEY SOURCE`.
+"""Bulk enrolment, the use case behind `python -m server import --key KEY SOURCE` (server/cli/importer.py).
 
 SOURCE is a folder with one sub-folder per subject (the sub-folder's name is the subject; images
 anywhere inside it), or a CSV file of `path,subject` rows (paths relative to the CSV's folder; a
@@ -12,19 +12,15 @@ interrupted import simply runs again. Rejected files are counted by reason, the 
 all written with --rejects FILE (CSV). A running server picks the new faces up within seconds: its
 index catches up from the storage's change log (IndexRegistry.refresh).
 
-    python -m server.core.importer compare SOURCE [--limit N]
-
-measures the same images posted one by one over HTTP to a fresh server process against this
-importer, in one run, and prints both per-face times.
+`python -m benchmarks.import_compare SOURCE` times the same images posted one by one over HTTP
+against this importer.
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import hashlib
 import logging
 import os
-import sys
 import threading
 import time
 from collections import Counter
@@ -36,6 +32,7 @@ from typing import Callable, Iterable
 import numpy as np
 
 from server.config import Settings
+from server.wiring import Inference, build_inference
 
 log = logging.getLogger(__name__)
 
@@ -229,26 +226,25 @@ class Importer:
 
 
 # ------------------------------------------------------------------------------ wiring
-def open_pipeline(settings: Settings):
-    """The batched pipeline, as the server builds it; returns (pipeline, backend to close).
+def open_inference(settings: Settings) -> Inference:
+    """The batched pipeline, as the server builds it (no plugins: the importer only embeds).
 
     Unless FR_INFERENCE_THREADS says otherwise, each model runs on one thread: the importer's
     parallelism is images in flight, and ONNX Runtime's spinning intra-op threads would only
     compete with them (measured: ~10% faster on 2 cores)."""
-    from server.inference import create_backend
-    from server.inference.batcher import create_batcher
-    from server.modelbuild.repository import ensure_built
-    from server.vision.pipeline import FacePipeline
-
-    ensure_built(settings.model_dir)
     if not settings.inference_threads:
         settings = settings.with_(inference_threads=1)
-    backend = create_batcher(create_backend(settings), settings)
-    return FacePipeline.from_settings(settings, backend=backend), backend
+    return build_inference(settings, plugins=False)
 
 
-def import_source(settings: Settings, key: str, source: Path, *, workers: int, batch: int,
-                  det_prob_threshold: float | None, show_progress: bool) -> ImportReport:
+def import_source(settings: Settings, key: str, source: Path, *, workers: int = DEFAULT_WORKERS, batch: int = 64,
+                  det_prob_threshold: float | None = None,
+                  progress: Callable[[int], Callable[[ImportReport], None]] | None = None) -> ImportReport:
+    """Enrol `source` (see list_source) into the collection of the recognition key `key`.
+
+    `progress`, when given, is called with the number of files once the models are loaded, and
+    returns the callback that then gets the report after every file (python -m server import's bar).
+    """
     from server.storage import StorageError, open_storage
 
     items, problems = list_source(source)
@@ -257,157 +253,16 @@ def import_source(settings: Settings, key: str, source: Path, *, workers: int, b
         api_key = storage.find_key(key)
         if api_key is None or api_key.type != "recognition":
             raise StorageError(f"{key} is not a recognition API key of {settings.data_dir}")
-        pipeline, backend = open_pipeline(settings)
+        inference = open_inference(settings)
         try:
             threshold = settings.face_threshold() if det_prob_threshold is None else det_prob_threshold
-            importer = Importer(storage, pipeline, api_key.collection, workers=workers, batch=batch,
+            importer = Importer(storage, inference.pipeline, api_key.collection, workers=workers, batch=batch,
                                 det_prob_threshold=threshold, max_file_size=settings.max_file_size)
-            bar = _progress_bar(len(items)) if show_progress else None
-            try:
-                report = importer.run(items, bar.update if bar else None)
-            finally:
-                if bar:
-                    bar.close()
+            report = importer.run(items, progress(len(items)) if progress else None)
         finally:
-            backend.close()
+            inference.close()
     finally:
         storage.close()
     report.rejected = problems + report.rejected
     report.files += len(problems)
     return report
-
-
-class _progress_bar:
-    """tqdm over files, with added / skipped / rejected as its postfix."""
-
-    def __init__(self, total: int) -> None:
-        from tqdm import tqdm
-
-        self.bar = tqdm(total=total, unit="img", dynamic_ncols=True, smoothing=0.05)
-        self.done = 0
-
-    def update(self, report: ImportReport) -> None:
-        self.bar.update(report.files - self.done)
-        self.done = report.files
-        self.bar.set_postfix(added=report.added, skipped=report.skipped, rejected=len(report.rejected),
-                             refresh=False)
-
-    def close(self) -> None:
-        self.bar.close()
-
-
-def _run(args: argparse.Namespace) -> int:
-    settings = Settings.from_env(data_dir=args.data_dir, model_dir=args.model_dir)
-    report = import_source(settings, args.key, Path(args.source), workers=args.workers, batch=args.batch,
-                           det_prob_threshold=args.det_prob_threshold, show_progress=not args.no_progress)
-    print(report.summary())
-    for path, reason in report.rejected[:20]:
-        print(f"  rejected {path}: {reason}")
-    if len(report.rejected) > 20:
-        print(f"  ... {len(report.rejected) - 20} more" + ("" if args.rejects else " (--rejects FILE lists all)"))
-    if args.rejects:
-        with open(args.rejects, "w", newline="", encoding="utf-8") as f:
-            writer = csv.writer(f)
-            writer.writerow(["path", "reason"])
-            writer.writerows(report.rejected)
-    return 0
-
-
-def register(subparsers) -> None:
-    """`python -m server import ...` (called by server/cli/__init__.py)."""
-    p = subparsers.add_parser("import", help="bulk-enrol images: a folder (one sub-folder per subject) "
-                              "or a CSV of path,subject; resumable")
-    p.add_argument("source", help="folder of subject folders, or a CSV file of path,subject")
-    p.add_argument("--key", required=True, help="recognition API key (its collection receives the faces)")
-    p.add_argument("--data-dir", help="storage folder (default ./data, env FR_DATA_DIR)")
-    p.add_argument("--model-dir", help="model repository (default model_repository/, env FR_MODEL_DIR)")
-    p.add_argument("--workers", type=int, default=DEFAULT_WORKERS,
-                   help=f"images in the pipeline at once (default {DEFAULT_WORKERS}: 2 per core)")
-    p.add_argument("--batch", type=int, default=64, help="faces per storage transaction (default 64)")
-    p.add_argument("--det-prob-threshold", type=float, help="as the API's parameter (default 0.85)")
-    p.add_argument("--rejects", help="write every rejected file and the reason to this CSV")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.set_defaults(func=_run)
-
-
-# ------------------------------------------------------------------------------ import vs HTTP
-def compare(source: Path, limit: int, workers: int, model_dir: Path | None = None) -> dict[str, float]:
-    """The same images: posted one by one over HTTP to a fresh server process, then imported.
-
-    Both enrol into their own collection of one fresh data folder; the server is stopped before
-    the import runs, so each has the machine to itself. Model loading is outside both timings.
-    """
-    import tempfile
-
-    import httpx
-
-    from server.storage import open_storage
-
-    items, _ = list_source(source)
-    items = items[:limit] if limit else items
-    if not items:
-        raise SystemExit(f"{source}: no images")
-    root = Path(__file__).resolve().parents[1]
-    with tempfile.TemporaryDirectory(prefix="import-compare-") as tmp:
-        data_dir = Path(tmp) / "data"
-        settings = Settings.from_env(data_dir=data_dir, model_dir=model_dir)
-        token = "compare-" + os.urandom(8).hex()
-        sys.path.insert(0, str(root))  # the repo's load-test helpers
-        from tests.support.local_server import LocalServer
-
-        server = LocalServer(data_dir, admin_token=token, env={"FR_MODEL_DIR": str(settings.model_dir)})
-        try:
-            server.start()
-            with httpx.Client(base_url=server.base_url, timeout=120) as c:
-                admin = {"Authorization": f"Bearer {token}"}
-                http_key = c.post("/api/v1/admin/keys", json={"type": "recognition"}, headers=admin).json()["key"]
-                import_key = c.post("/api/v1/admin/keys", json={"type": "recognition"}, headers=admin).json()["key"]
-                c.post("/api/v1/recognition/subjects", json={"subject": "warm-up"}, headers={"x-api-key": http_key})
-                http_added = 0
-                t0 = time.perf_counter()
-                for item in items:
-                    r = c.post("/api/v1/recognition/faces", params={"subject": item.subject},
-                               files={"file": (item.path.name, item.path.read_bytes())},
-                               headers={"x-api-key": http_key})
-                    http_added += r.status_code == 201
-                http_s = time.perf_counter() - t0
-        finally:
-            server.stop(timeout_s=60)
-        storage = open_storage(settings)
-        pipeline, backend = open_pipeline(settings)
-        try:
-            collection = storage.find_key(import_key).collection
-            importer = Importer(storage, pipeline, collection, workers=workers,
-                                det_prob_threshold=settings.face_threshold(), max_file_size=settings.max_file_size)
-            report = importer.run(items)
-        finally:
-            backend.close()
-            storage.close()
-    n = len(items)
-    result = {"images": n, "http_added": http_added, "import_added": report.added, "http_s": http_s,
-              "import_s": report.seconds, "http_ms_per_image": 1000 * http_s / n,
-              "import_ms_per_image": 1000 * report.seconds / n, "speedup": http_s / report.seconds}
-    return result
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m server.core.importer",
-                                     description="compare the bulk importer with posting images one by one")
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("compare", help="time one-by-one HTTP POST /faces against the importer, same images")
-    p.add_argument("source", help="folder of subject folders, or a CSV of path,subject")
-    p.add_argument("--limit", type=int, default=0, help="first N images only (default all)")
-    p.add_argument("--workers", type=int, default=DEFAULT_WORKERS)
-    p.add_argument("--model-dir")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING)
-    r = compare(Path(args.source), args.limit, args.workers, Path(args.model_dir) if args.model_dir else None)
-    print(f"{r['images']} images; faces added: HTTP {r['http_added']}, import {r['import_added']}")
-    print(f"one by one over HTTP: {r['http_s']:.1f} s = {r['http_ms_per_image']:.1f} ms per image")
-    print(f"python -m server import: {r['import_s']:.1f} s = {r['import_ms_per_image']:.1f} ms per image")
-    print(f"speed-up: {r['speedup']:.1f}x")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -19,13 +19,13 @@ import numpy as np
 
 from server.http import errors
 from server.config import Settings
+from server.inference.names import EMBEDDING_DIM
 from server.vision.decode import ImageError, PixelBudget, decode_image, image_pixels
 from server.vision.plugins import EXECUTION_TIME_KEYS, SKIPPED_WITHOUT_DETECTION, PluginRegistry
 from server.storage import Change, FaceNotFound, FaceRecord, NewFace, Storage, SubjectNotFound
 
 log = logging.getLogger(__name__)
 
-EMBEDDING_DIM = 128
 # CompreFace adds a subject example with the core's limit 2 (SubjectService.MAX_FACES_TO_RECOGNIZE)
 # so that a second face is seen and refused with code 31.
 ADD_FACE_LIMIT = 2

@@ -137,22 +137,14 @@ def _open_data(state: AppState) -> None:
 
 
 def _load_models(state: AppState) -> None:
-    from server.inference import create_backend
-    from server.inference.batcher import create_batcher
-    from server.modelbuild.repository import ensure_built
-    from server.vision.pipeline import FacePipeline
-    from server.vision.plugins import PluginRegistry
+    from server.wiring import build_inference
 
     settings = state.settings
     try:
-        ensure_built(settings.model_dir)
-        # the micro-batcher (unless settings.batching is off) coalesces concurrent requests' calls
-        backend = create_batcher(create_backend(settings), settings, state.metrics)
-        state.backend = backend
-        pipeline = FacePipeline.from_settings(settings, backend=backend)
-        if state.metrics is not None:
-            state.metrics.set_detector(pipeline.detector_name)
-        plugins = PluginRegistry(settings, backend, shape_predictor=pipeline.shape_predictor)
+        # builds the model repository on first start; the micro-batcher (unless settings.batching is
+        # off) coalesces concurrent requests' calls
+        inference = build_inference(settings, state.metrics)
+        state.backend, pipeline, plugins = inference.backend, inference.pipeline, inference.plugins
         state.service.pipeline, state.service.plugins = pipeline, plugins
         state.pipeline, state.plugins = pipeline, plugins
     except Exception as exc:  # noqa: BLE001 - reported by /ready and the log; liveness stays up

@@ -13,6 +13,7 @@ from starlette.requests import Request
 
 from server.http import errors
 from server.config import Settings
+from server.inference import inflight_limit
 
 T = TypeVar("T")
 
@@ -36,8 +37,8 @@ class AppState:
     inference_limiter: CapacityLimiter = field(init=False)
 
     def __post_init__(self) -> None:
-        # at most this many requests run inference at once (Settings.inflight_limit: auto by backend)
-        self.inference_limiter = CapacityLimiter(self.settings.inflight_limit())
+        # at most this many requests run inference at once (server.inference.inflight_limit: auto by backend)
+        self.inference_limiter = CapacityLimiter(inflight_limit(self.settings))
         self.inference_s = 0.0  # smoothed duration of one inference call, for Retry-After
 
     def admit_inference(self) -> None:

@@ -63,7 +63,7 @@ Defaults (Settings.batch_*), by measurement on CPU (docs/benchmarks.md): batch s
 model's rows/s peaks or plateaus (P-Net 4, R-Net 64, O-Net 16, embedder 8; "Batch sizes"); the CPU
 default queue delay is 0, since a few ms of delay made idle requests slower and bought no
 throughput ("Queue delay"). Instances: in-process, one single-threaded instance of each model per
-core (Settings.model_instances / intra_op_threads), which does more images/s than one instance on
+core (server.inference.model_instances, Settings.intra_op_threads), which does more images/s than one instance on
 threads of its own ("Threads and instances").
 
 HTTP mapping for the API's error table (CompreFace has no equivalent; its JSON shape is kept):
@@ -86,6 +86,7 @@ from typing import TYPE_CHECKING, Iterator, Mapping
 
 import numpy as np
 
+from server.inference import model_instances, names
 from server.inference.base import Backend, BackendError
 
 if TYPE_CHECKING:  # metrics is optional at run time; only its type is needed here
@@ -636,14 +637,8 @@ def _signature(inputs: Mapping[str, np.ndarray]) -> tuple:
 
 
 # ---------------------------------------------------------------------------- from settings
-# Model names as in server/modelbuild/repository.py; settings fields use the short stage names.
-STAGES = {
-    "face_detector_pnet": "pnet",
-    "face_detector_rnet": "rnet",
-    "face_detector_onet": "onet",
-    "face_detector_yunet": "yunet",
-    "face_embedder": "embedder",
-}
+# Model names from server/inference/names.py; settings fields use the short stage names.
+STAGES = {names.PNET: "pnet", names.RNET: "rnet", names.ONET: "onet", names.YUNET: "yunet", names.EMBEDDER: "embedder"}
 
 
 def policies_from_settings(settings: "Settings") -> dict[str, BatchPolicy]:
@@ -654,14 +649,14 @@ def policies_from_settings(settings: "Settings") -> dict[str, BatchPolicy]:
             max_batch_size=getattr(settings, f"batch_{stage}_size"),
             max_queue_delay_ms=getattr(settings, f"batch_{stage}_delay_ms"),
             queue_capacity=getattr(settings, f"batch_{stage}_capacity"),
-            instances=settings.model_instances(),
+            instances=model_instances(settings),
         )
         for model, stage in {**STAGES, **PLUGIN_STAGES}.items()
     }
 
 
 # the age and gender plugins' models (server/vision/plugins/slots.py): chips coalesce like the embedder's
-PLUGIN_STAGES = {"face_age": "age", "face_gender": "gender"}
+PLUGIN_STAGES = {names.AGE: "age", names.GENDER: "gender"}
 
 
 def create_batcher(inner: Backend, settings: "Settings", metrics: "Metrics | None" = None) -> Backend:

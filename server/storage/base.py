@@ -22,9 +22,11 @@ from typing import Iterable, Iterator, NamedTuple, Protocol, Sequence, runtime_c
 
 import numpy as np
 
+from index import ChangeFeed  # what the index reads; storage implements it (Storage below)
+from server.inference.names import EMBEDDING_DIM  # noqa: F401 - re-exported; the embedder's width (a leaf module)
+
 # Service types of an API key (the URL prefix decides which type a request needs).
 KEY_TYPES: tuple[str, ...] = ("recognition", "detection", "verification")
-EMBEDDING_DIM = 128
 
 # CompreFace's demo keys (its docker images ship them); seeded only by `seed_demo_keys()`.
 DEMO_KEYS: dict[str, str] = {
@@ -159,9 +161,8 @@ class KeyDeleted:
 
 # ----------------------------------------------------------------------------- protocol
 @runtime_checkable
-class ChangeFeed(Protocol):
-    """What the index package reads to build and catch up a collection's index."""
-
+class Storage(ChangeFeed, Protocol):
+    # ---- the index's change feed (index.ChangeFeed), as storage provides it
     def current_sequence(self, collection: str) -> int:
         """The last assigned sequence of the collection (0 when nothing happened yet)."""
 
@@ -173,11 +174,9 @@ class ChangeFeed(Protocol):
         """
 
     def changes_since(self, collection: str, sequence: int) -> Iterator[Change]:
-        """Changes with seq > sequence, in seq order ("add" carries its vector)."""
+        """Changes with seq > sequence, in seq order ("add" carries its vector): index.ChangeFeed's
+        (seq, op, label, vector) tuples, as Change named tuples."""
 
-
-@runtime_checkable
-class Storage(ChangeFeed, Protocol):
     # ---- keys
     def create_key(self, type: str, name: str = "", key: str | None = None) -> ApiKey:
         """New key of `type` (KEY_TYPES) with a fresh uuid4 (or the given uuid); StorageError on

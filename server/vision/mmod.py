@@ -32,10 +32,7 @@ import cv2
 import numpy as np
 
 from server.inference.base import Backend
-
-MODEL = "face_detector_mmod"
-_INPUT = "image"
-_OUTPUT = "score"
+from server.inference.names import MMOD as MODEL, MMOD_INPUT as _INPUT, MMOD_OUTPUT as _OUTPUT
 
 # Constants of mmod_human_face_detector.dat (tests/integration/test_mmod.py checks them against the parsed file).
 MEAN = np.array([122.782, 117.001, 104.298], dtype=np.float32)  # input_rgb_image_pyramid's avg_red/green/blue

@@ -22,12 +22,10 @@ import cv2
 import numpy as np
 
 from server.inference.base import Backend
+from server.inference.names import MTCNN_INPUT as _INPUT, MTCNN_LANDMARKS as _LANDMARKS, MTCNN_PROB as _PROB
+from server.inference.names import MTCNN_REG as _REG, ONET, PNET, RNET
 from server.vision.types import Detections
 
-PNET = "face_detector_pnet"
-RNET = "face_detector_rnet"
-ONET = "face_detector_onet"
-_INPUT = "image"
 _F32 = np.float32
 _MAX_SIDE = 2896  # keeps the detection image's int32 integral exact (2896**2 * 255 < 2**31)
 
@@ -125,7 +123,7 @@ class MtcnnDetector:
         for (oh, ow), members in groups.items():
             batch = np.stack([work[i].integral.resize(oh, ow) for i, _ in members])
             out = self.backend.run(PNET, {_INPUT: batch})
-            reg, prob = out["reg"], out["prob"]
+            reg, prob = out[_REG], out[_PROB]
             for k, (i, scale) in enumerate(members):
                 boxes = _generate_boxes(reg[k], prob[k, 1], scale, self.thresholds[0])
                 keep = nms(boxes[:, :4], boxes[:, 4], 0.5)
@@ -147,7 +145,7 @@ class MtcnnDetector:
         if not crops:
             return
         out = self.backend.run(RNET, {_INPUT: np.concatenate(crops)})
-        reg, score = out["reg"], out["prob"][:, 1]
+        reg, score = out[_REG], out[_PROB][:, 1]
         start = 0
         for im, n in zip(work, owners):
             s, r = score[start : start + n], reg[start : start + n]
@@ -164,7 +162,7 @@ class MtcnnDetector:
         if not crops:
             return
         out = self.backend.run(ONET, {_INPUT: np.concatenate(crops)})
-        reg, marks, score = out["reg"], out["landmarks"], out["prob"][:, 1]
+        reg, marks, score = out[_REG], out[_LANDMARKS], out[_PROB][:, 1]
         start = 0
         for im, n in zip(work, owners):
             s, r, p = score[start : start + n], reg[start : start + n], marks[start : start + n]

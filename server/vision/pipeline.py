@@ -16,10 +16,10 @@ import cv2
 import numpy as np
 
 from server.inference.base import Backend
+from server.inference.names import EMBEDDER, EMBEDDER_INPUT, EMBEDDER_OUTPUT, EMBEDDING_DIM
 from server.config import Settings
 from server.vision.types import Detections, Face
 
-EMBEDDER = "face_embedder"
 SHAPE_PREDICTOR_FILE = "shape_predictor_5.npz"
 CHIP_SIZE = 150
 _MAX_PADDED_SIDE = 4096  # the padded retry is for crops; a larger image has room for its faces
@@ -165,8 +165,8 @@ class FacePipeline:
     def embed_chips(self, chips: np.ndarray) -> np.ndarray:
         """(n,150,150,3) uint8 RGB chips -> (n,128) float32 descriptors, one backend call."""
         if len(chips) == 0:
-            return np.zeros((0, 128), np.float32)
-        return self.backend.run(EMBEDDER, {"chips": chips})["descriptor"]
+            return np.zeros((0, EMBEDDING_DIM), np.float32)
+        return self.backend.run(EMBEDDER, {EMBEDDER_INPUT: chips})[EMBEDDER_OUTPUT]
 
     def embed_chip(self, image: np.ndarray) -> np.ndarray:
         """CompreFace's detect_faces=false: the whole image is the face, resized to 150x150."""

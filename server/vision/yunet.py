@@ -36,7 +36,7 @@ import cv2
 import numpy as np
 
 from server.inference.base import Backend
-from server.modelbuild.yunet import INPUT_NAME, MODEL_NAME, STRIDES
+from server.inference.names import YUNET as MODEL_NAME, YUNET_INPUT as INPUT_NAME, YUNET_STRIDES as STRIDES
 from server.vision.types import Detections
 
 _F32 = np.float32

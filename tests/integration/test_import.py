@@ -15,7 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from server.core.importer import Item, compare, import_source, list_source
+from benchmarks.import_compare import compare
+from server.core.importer import Item, import_source, list_source
 from server.config import Settings
 from server.storage import FaceExists, NewFace, SubjectNotFound
 from server.storage.sqlite import SqliteStorage
@@ -160,10 +161,9 @@ def test_running_server_picks_imported_faces_up(photo_folder, tmp_path, model_di
             assert probe.status_code == 200 and probe.json()["result"][0]["subjects"] == []  # index loaded, empty
             settings = Settings(data_dir=tmp_path, model_dir=model_dir)
             report = import_source(settings, key, photo_folder / "eileen", workers=4, batch=2,
-                                   det_prob_threshold=None, show_progress=False)
+                                   det_prob_threshold=None)
             assert report.added == 0 and len(report.rejected) == 4  # e*.jpg at the root: no subject folder
-            report = import_source(settings, key, photo_folder, workers=4, batch=2, det_prob_threshold=None,
-                                   show_progress=False)
+            report = import_source(settings, key, photo_folder, workers=4, batch=2, det_prob_threshold=None)
             assert report.added == 4
             deadline = time.monotonic() + 30
             while True:  # the server's index catches up from the change log within a snapshot period

@@ -5,7 +5,7 @@ drops. Plus a short smoke run of the locust load test (python -m loadtests.run).
 The server is a real child process (`python -m server serve`), so the load generator here does
 not share its interpreter, and its memory is read from /proc. Its inference admission is small
 (FR_MAX_INFLIGHT_INFERENCE=2 requests running, FR_MAX_WAITING_INFERENCE=2 waiting), which makes
-overload cheap to reach on 2 cores; the defaults (Settings.inflight_limit(), 64 waiting) behave the same way at
+overload cheap to reach on 2 cores; the defaults (server.inference.inflight_limit, 64 waiting) behave the same way at
 proportionally higher load (python -m loadtests.overload shows them). Bounded: two 5 s phases of
 at most MAX_REQUESTS requests each.
 """

@@ -13,7 +13,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from server.inference import BackendError, create_backend
+from server.inference import BackendError, create_backend, inflight_limit, model_instances, runs_on_cpu
 from server.config import Settings, usable_cores
 from tests.conftest import FACEDATA
 
@@ -290,8 +290,8 @@ def test_settings_choose_it(monkeypatch, model_dir):
     try:
         assert isinstance(b, TorchBackend) and b.device.type == "cpu" and b.threads == 1
         # on the CPU it is scheduled like onnxruntime: one single-threaded model instance per core
-        assert s.inference_on_cpu() and s.model_instances() == usable_cores()
-        assert s.inflight_limit() == usable_cores() + 1
+        assert runs_on_cpu(s) and model_instances(s) == usable_cores()
+        assert inflight_limit(s) == usable_cores() + 1
     finally:
         b.close()
 

@@ -28,6 +28,7 @@ import pytest
 import yaml
 
 from server.config import Settings
+from server.inference import model_instances
 
 ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "deploy" / "k8s"
@@ -277,7 +278,7 @@ def test_api_server_deployment(rendered, overlay, monkeypatch):
     settings = Settings.from_env()
     assert settings.database_url.startswith("postgresql://")
     # one single-threaded instance of each model per requested core (a pod sees the node's cores)
-    assert int(requests["cpu"]) == settings.model_instances() and settings.intra_op_threads() == 1
+    assert int(requests["cpu"]) == model_instances(settings) and settings.intra_op_threads() == 1
     assert str(settings.data_dir) == next(m["mountPath"] for m in container["volumeMounts"] if m["name"] == "data")
     assert settings.port == container["ports"][0]["containerPort"]
     pdb = find(docs, "PodDisruptionBudget", "facerec-server")

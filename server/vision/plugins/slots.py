@@ -54,8 +54,10 @@ from typing import Sequence
 
 import numpy as np
 
+from server.inference.names import PLUGIN_MODELS
+
 MODEL_PLUGINS: tuple[str, ...] = ("age", "gender", "mask")
-MODEL_NAMES: dict[str, str] = {"age": "face_age", "gender": "face_gender", "mask": "face_mask"}
+MODEL_NAMES: dict[str, str] = PLUGIN_MODELS  # plugin -> model in the repository
 MODEL_VERSION_NAMES: dict[str, str] = {"age": "AgeDetector", "gender": "GenderDetector", "mask": "MaskDetector"}
 DEFAULT_MODEL_FAMILY = "onnx"
 FACE_INPUTS: tuple[str, ...] = ("box_crop", "dlib_chip")
