@@ -174,7 +174,7 @@ def test_trtexec_options_and_errors(trt_repo, python_repo, tmp_path):
 
 
 def test_python_target_layout(python_repo):
-    source = (ROOT / "server" / "models" / "triton_python_model.py").read_bytes()
+    source = (ROOT / "server" / "modelbuild" / "triton_python_model.py").read_bytes()
     for name, spec in _specs(python_repo):
         cfg = (python_repo / name / "config.pbtxt").read_text()
         assert _config_value(cfg, "backend") == '"python"' and "platform:" not in cfg
