@@ -126,7 +126,7 @@ def test_health_ready_config_consistence(http):
 def test_openapi_covers_every_route(server, http):
     doc = http.get("/openapi.json").json()
     documented = {(m.upper(), p) for p, ops in doc["paths"].items() for m in ops}
-    served = {(m, r.path) for r in server.http.app.routes if isinstance(r, Route) for m in r.methods if m != "HEAD"}
+    served = {(m, r.path) for r in server.app.routes if isinstance(r, Route) for m in r.methods if m != "HEAD"}
     assert served == documented
     for (method, path) in documented:
         op = doc["paths"][path][method.lower()]
