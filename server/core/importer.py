@@ -32,13 +32,12 @@ from typing import Callable, Iterable
 import numpy as np
 
 from server.config import Settings
+from server.core.errors import DomainError, InvalidSubjectName
+from server.core.subjects import ADD_FACE_LIMIT, check_subject_name, single_face
 from server.wiring import Inference, build_inference
 
 log = logging.getLogger(__name__)
 
-SUBJECT_MAX = 50  # as the API's SubjectDto
-_FORBIDDEN = set(";/\\")
-ADD_FACE_LIMIT = 2  # as POST /faces: a second face is seen, and the image refused
 DEFAULT_WORKERS = 2 * (os.cpu_count() or 2)  # enough images in flight to keep every core busy
 
 
@@ -70,17 +69,6 @@ class ImportReport:
 
 
 # ------------------------------------------------------------------------------ sources
-def subject_problem(name: str) -> str | None:
-    """The API's rules for subject names (POST /subjects), as a reason, or None when fine."""
-    if not name.strip():
-        return "empty subject name"
-    if len(name) > SUBJECT_MAX:
-        return f"subject name longer than {SUBJECT_MAX}"
-    if _FORBIDDEN & set(name):
-        return "subject name contains ; / or \\"
-    return None
-
-
 def list_source(source: Path) -> tuple[list[Item], list[tuple[str, str]]]:
     """(items, problems) of a folder (one sub-folder per subject) or a CSV of path,subject."""
     from server.vision.decode import extension_allowed
@@ -110,7 +98,11 @@ def list_source(source: Path) -> tuple[list[Item], list[tuple[str, str]]]:
     for item in items:
         # the API's rules: CompreFace's file extensions (POST /faces), subject names (POST /subjects)
         problem = None if extension_allowed(item.path.name) else "not an image file name (extension)"
-        problem = problem or subject_problem(item.subject)
+        if problem is None:
+            try:
+                check_subject_name(item.subject)
+            except InvalidSubjectName as exc:
+                problem = str(exc)
         if problem:
             problems.append((str(item.path), problem))
         else:
@@ -208,13 +200,13 @@ class Importer:
             result.reason = f"not a readable image: {exc}"
             return result
         faces = self.pipeline.faces(image, det_prob_threshold=self.det_prob_threshold, limit=ADD_FACE_LIMIT)
-        if not faces:
-            result.reason = "no face found"
-        elif len(faces) > 1:
-            result.reason = "more than one face"
-        else:
-            result.data = data
-            result.vector = l2_normalise(np.asarray(faces[0].embedding, np.float32))
+        try:
+            face = single_face(faces)  # as POST /faces: exactly one face
+        except DomainError as exc:
+            result.reason = str(exc)
+            return result
+        result.data = data
+        result.vector = l2_normalise(np.asarray(face.embedding, np.float32))
         return result
 
     def _store(self, results: list[_Result]) -> int:

@@ -1,9 +1,10 @@
 """The glue between the API and the parts below it: pipeline + plugins, storage + index.
 
 Every method here is blocking (CPU or disk) and is called from a worker thread, never on the
-event loop. Errors of the API are raised as `server.http.errors.ApiError`.
+event loop. Refusals are raised as server/core/errors.py's exceptions.
 
-    add face   = detect (limit 2, exactly one face) -> storage write (durable) -> index.apply
+    add face   = detect (limit 2, exactly one face: server/core/subjects.py) -> storage write (durable)
+                 -> index.apply
     recognize  = L2-normalise -> index search (labels, L2 distances) -> storage labels -> similarity
     similarity = (tanh((c0 - d) * c1) + 1) / 2   (CompreFace's EuclideanDistanceClassifier)
 """
@@ -17,18 +18,16 @@ from typing import Sequence
 
 import numpy as np
 
-from server.http import errors
 from server.config import Settings
+from server.core import errors
+from server.core.subjects import ADD_FACE_LIMIT, single_face
 from server.inference.names import EMBEDDING_DIM
 from server.vision.decode import ImageError, PixelBudget, decode_image, image_pixels
 from server.vision.plugins import EXECUTION_TIME_KEYS, SKIPPED_WITHOUT_DETECTION, PluginRegistry
-from server.storage import Change, FaceNotFound, FaceRecord, NewFace, Storage, SubjectNotFound
+from server.storage import Change, FaceNotFound, FaceRecord, NewFace, Storage, SubjectExists, SubjectNotFound
 
 log = logging.getLogger(__name__)
 
-# CompreFace adds a subject example with the core's limit 2 (SubjectService.MAX_FACES_TO_RECOGNIZE)
-# so that a second face is seen and refused with code 31.
-ADD_FACE_LIMIT = 2
 RECOGNIZE_SPARE = 4  # extra neighbours searched by recognize (see FaceService.recognize)
 _FIVE_PLACES = Decimal("0.00001")
 
@@ -97,16 +96,16 @@ class FaceService:
         embed: bool = True,
         detect_faces: bool = True,
     ) -> Analysis:
-        """Decode, detect (or take the whole image), embed, run plugins. No face -> code 28."""
+        """Decode, detect (or take the whole image), embed, run plugins. No face -> NoFaceFound."""
         threshold = self.settings.face_threshold() if det_prob_threshold is None else det_prob_threshold
         if not 0.0 <= threshold <= 1.0:  # the core's BadRequest, mapped to code 28 by the Java layer
-            raise errors.no_face()
+            raise errors.NoFaceFound("detection threshold outside [0, 1]")
         with self.pixels.hold(image_pixels(data)):  # the decoded image lives until we return
             try:
                 image = decode_image(data)
             except ImageError as exc:
                 log.info("image refused: %s", exc)
-                raise errors.no_face() from None
+                raise errors.NoFaceFound(f"not a readable image: {exc}") from None
             h, w = image.shape[:2]
             selected = list(plugins)
             if detect_faces:
@@ -116,7 +115,7 @@ class FaceService:
                 faces = [self._whole_image_face(image)]
                 selected = [p for p in selected if p not in SKIPPED_WITHOUT_DETECTION]
             if not faces:
-                raise errors.no_face()
+                raise errors.NoFaceFound()
             extras = self.plugins.run(image, faces, selected)
         # include_all: pose is a field of CompreFace's PluginsVersionsDto too; the response layer
         # keeps exactly the DTO's keys (landmarks dropped).
@@ -139,9 +138,7 @@ class FaceService:
     def example_embedding(self, data: bytes, det_prob_threshold: float | None) -> np.ndarray:
         """The L2-normalised embedding of the one face of a subject example (inference only)."""
         analysis = self.analyse(data, det_prob_threshold=det_prob_threshold, limit=ADD_FACE_LIMIT, plugins=())
-        if len(analysis.faces) > 1:
-            raise errors.too_many_faces()
-        return l2_normalise(analysis.embeddings()[0])
+        return l2_normalise(np.asarray(single_face(analysis.faces).embedding, np.float32))
 
     def store_face(self, collection: str, subject: str, vector: np.ndarray, data: bytes) -> FaceRecord:
         """Durable write first, then the index (storage is the source of truth)."""
@@ -163,7 +160,7 @@ class FaceService:
     def delete_face(self, collection: str, image_id: str) -> FaceRecord:
         faces = self.delete_faces(collection, [image_id])
         if not faces:
-            raise errors.image_not_found(image_id)
+            raise errors.ImageNotFound(image_id)
         return faces[0]
 
     def delete_subject_faces(self, collection: str, subject: str) -> int:
@@ -178,11 +175,25 @@ class FaceService:
         self._apply(collection, result.changes)
         return result.faces_deleted
 
+    def add_subject(self, collection: str, name: str) -> str:
+        """A new subject without faces; returns the stored name."""
+        try:
+            return self.storage.add_subject(collection, name)
+        except SubjectExists:
+            raise errors.SubjectExists(name) from None
+
+    def rename_subject(self, collection: str, old: str, new: str) -> bool:
+        """Rename (or merge into an existing subject: storage's rename_subject); False when nothing changed."""
+        try:
+            return self.storage.rename_subject(collection, old, new)
+        except SubjectNotFound:
+            raise errors.SubjectNotFound(old) from None
+
     def delete_subject(self, collection: str, name: str) -> str:
         try:
             result = self.storage.delete_subject(collection, name)
         except SubjectNotFound:
-            raise errors.subject_not_found(name) from None
+            raise errors.SubjectNotFound(name) from None
         self._apply(collection, result.changes)
         return result.subject
 
@@ -225,36 +236,37 @@ class FaceService:
     def subject_similarities(self, collection: str, subject: str,
                              vectors: np.ndarray) -> tuple[str, list[str], np.ndarray]:
         """Per vector, the best similarity to any example of the subject: (stored name, image id of
-        that example per vector, similarities). Code 42 when the subject is absent."""
+        that example per vector, similarities). SubjectNotFound / SubjectWithoutFaces."""
         try:
             name, image_ids, stored = self.storage.subject_vectors(collection, subject)
         except SubjectNotFound:
-            raise errors.subject_not_found(subject) from None
+            raise errors.SubjectNotFound(subject) from None
         if not image_ids:
-            raise errors.subject_without_faces(name)
+            raise errors.SubjectWithoutFaces(name)
         sims = np.stack([self.similarities(v, stored) for v in np.asarray(vectors).reshape(-1, EMBEDDING_DIM)])
         best = np.argmax(sims, axis=1)
         return name, [image_ids[i] for i in best], sims[np.arange(len(best)), best]
 
     def stored_face(self, collection: str, image_id: str) -> FaceRecord:
-        """The face with its embedding; CompreFace's "Image Id is incorrect" (44) when absent."""
+        """The face with its embedding; ImageIdIncorrect when absent."""
         try:
             return self.storage.get_face(collection, image_id)
         except FaceNotFound:
-            raise errors.image_id_incorrect() from None
+            raise errors.ImageIdIncorrect(image_id) from None
 
 
 def check_embeddings(rows: list[list[float]]) -> np.ndarray:
-    """Client embeddings as an (n, 128) float64 array; a wrong length or a non-finite value -> 400/0."""
+    """Client embeddings as an (n, 128) float64 array; a wrong length, a non-finite value or a zero
+    vector -> InvalidEmbeddings."""
     if any(len(r) != EMBEDDING_DIM for r in rows):
         bad = next(len(r) for r in rows if len(r) != EMBEDDING_DIM)
-        raise errors.undefined(f"Embeddings must have {EMBEDDING_DIM} values, got {bad}")
+        raise errors.InvalidEmbeddings(f"Embeddings must have {EMBEDDING_DIM} values, got {bad}")
     arr = np.asarray(rows, dtype=np.float64).reshape(-1, EMBEDDING_DIM)
     if not np.isfinite(arr).all():
-        raise errors.undefined("Embeddings must contain finite numbers only")
+        raise errors.InvalidEmbeddings("Embeddings must contain finite numbers only")
     norms = np.linalg.norm(arr, axis=1)
     if not (np.isfinite(norms) & (norms > 0)).all():
-        raise errors.undefined("Embeddings must have a finite, non-zero length")
+        raise errors.InvalidEmbeddings("Embeddings must have a finite, non-zero length")
     return arr
 
 

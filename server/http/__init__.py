@@ -1,12 +1,14 @@
-"""CompreFace's REST API on Starlette: routes per service, parameter parsing, the error table.
+"""CompreFace's REST API on Starlette: the wire format, and nothing below it.
 
-    errors.py        the one table of CompreFace errors (codes, statuses, messages)
-    gate.py          the ASGI middleware: trailing slashes, body limits, x-api-key, last-resort errors
-    params.py        Spring-compatible parameter parsing; multipart and JSON bodies; base64
-    images.py        reading image requests in both forms (multipart parts / base64 JSON)
+    app.py           create_app / run_server: routes, middleware, exception handlers, the lifespan
+    gate.py          the ASGI middleware: trailing slashes, body limits, x-api-key, error logging, last resort
+    errors.py        CompreFace's error table (ApiError) and EXCEPTIONS: each lower layer's exception -> its answer
+    params.py        Spring-compatible parameter parsing; multipart and JSON bodies; base64; subject-name mapping
+    images.py        image requests in both forms, and the image endpoints' one sequence (FacesRequest)
     responses.py     orjson responses and CompreFace's face shapes
-    recognition.py   /api/v1/recognition/...   detection.py  /api/v1/detection/detect
-    verification.py  /api/v1/verification/...  static.py     /api/v1/static/{key}/images/{id}
-    admin.py         /api/v1/admin/... (only with an admin token)
-    system.py        config, consistence status, /health, /ready, /openapi.json, /docs
+    state.py         AppState (the parts the lifespan fills), API key cache, inference admission and scope
+    openapi.py       the OpenAPI document served at /openapi.json
+    routes/          one module per service: recognition.py, detection.py, verification.py,
+                     extensions.py (ours), static.py, admin.py (admin token only), system.py (health, docs)
+    ui/              the web console's static files under /ui/
 """

@@ -24,7 +24,7 @@ from starlette.responses import Response
 
 from server.http import errors
 from server.http.routes import admin, detection, extensions, recognition, static, system, verification
-from server.http.gate import Gate, mask_key
+from server.http.gate import Gate, answer_exception, mask_key
 from server.http.state import AppState, KeyCache
 from server.config import Settings
 from server.metrics import Metrics, RequestMetricsMiddleware
@@ -47,7 +47,8 @@ def create_app(settings: Settings) -> Starlette:
         routes=routes,
         # metrics outermost, so it times and counts every answer, the gate's errors included
         middleware=[Middleware(RequestMetricsMiddleware, metrics=state.metrics), Middleware(Gate, state=state)],
-        exception_handlers={HTTPException: _http_exception},
+        # the lower layers' exceptions (errors.EXCEPTIONS) in CompreFace's shape; the gate answers the rest
+        exception_handlers={HTTPException: _http_exception, **{cls: answer_exception for cls in errors.EXCEPTIONS}},
         lifespan=_lifespan,
     )
     app.state.core = state
@@ -127,9 +128,7 @@ def _open_data(state: AppState) -> None:
         build_threads=settings.index_build_threads,
     )
     # several replicas on one database (PostgreSQL): follow the changes the others commit
-    follow = getattr(state.storage, "start_follower", None)
-    if follow is not None:
-        follow(state.index.catch_up, state.index.drop)
+    state.storage.start_follower(state.index.catch_up, state.index.drop)
     state.keys = KeyCache(state.storage)
     # Collection calls (subjects, lists, deletes) work from here on; images wait for the models.
     state.service = FaceService(settings, state.storage, state.index, pipeline=None, plugins=None)
@@ -157,16 +156,14 @@ def _load_models(state: AppState) -> None:
 
 
 def _close(state: AppState) -> None:
-    stop_following = getattr(state.storage, "stop_follower", None)
-    if stop_following is not None:  # before the index closes: no catch-up during its final snapshot
-        stop_following()
+    if state.storage is not None:  # before the index closes: no catch-up during its final snapshot
+        state.storage.stop_follower()
     for name in ("index", "storage", "backend"):
-        part = getattr(state, name)
-        close = getattr(part, "close", None)
-        if close is None:
+        part = getattr(state, name)  # None when start-up did not get that far
+        if part is None:
             continue
         try:
-            close()
+            part.close()
         except Exception:  # noqa: BLE001 - keep closing the others
             log.exception("closing the %s failed", name)
 

@@ -1,8 +1,10 @@
 """The one table of CompreFace errors, and the one place that renders them.
 
-Handlers raise `ApiError` (usually through the constructors below); `render_error` turns it
-into CompreFace's body `{"message": str, "code": int}` (that key order, like
-`common/dto/ExceptionResponseDto.java`).
+Handlers raise `ApiError` (usually through the constructors below), or the layers below raise their
+own exceptions (server/core/errors.py, server/inference/scope.py, BackendError), which EXCEPTIONS maps
+to an `ApiError` by class (`api_error`; create_app installs it as Starlette's exception handlers).
+`error_response` turns an ApiError into CompreFace's body `{"message": str, "code": int}` (that key
+order, like `common/dto/ExceptionResponseDto.java`).
 
 Codes, statuses and messages follow CompreFace 1.2.0 (`CommonExceptionCode.java` and the
 exception classes named per entry; see docs/compreface-behaviour.md). Where CompreFace
@@ -17,15 +19,20 @@ Other choices where CompreFace has no JSON answer:
   - unknown route -> 404, code 0;
   - request body larger than `max_body_size` -> 413, code 0, JSON (CompreFace's nginx sends HTML);
   - unsupported Content-Type on an image endpoint -> 415, code 0 (Spring: 415, empty body);
-  - inference queue full -> 503, code 60 with Retry-After; request deadline passed -> 503, code 61
-    (server/inference/batcher.py defines both; CompreFace has no equivalent).
+  - inference queue full -> 503, code 60 with Retry-After; request deadline passed -> 503, code 61;
+    client gone -> 499, code 62 (server/inference/scope.py's Overloaded, DeadlineExceeded, Cancelled;
+    CompreFace has no equivalent).
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import orjson
 from starlette.responses import Response
+
+from server.core import errors as core
+from server.inference.base import BackendError
+from server.inference.scope import Cancelled, DeadlineExceeded, Overloaded
 
 # CompreFace's generic message (ResponseExceptionHandler.buildBody()).
 SOMETHING_WENT_WRONG = "Something went wrong, please try again"
@@ -203,19 +210,51 @@ def not_ready(detail: str) -> ApiError:
     return ApiError(503, 0, f"Service is not ready: {detail}")
 
 
-def from_batcher(exc: Exception) -> ApiError:
-    """server.inference.batcher's Overloaded (503, code 60, Retry-After) / DeadlineExceeded (503, code 61) /
-    Cancelled: the exception carries its own http_status, code and message."""
-    retry = getattr(exc, "retry_after_s", None)
-    return ApiError(int(getattr(exc, "http_status")), int(getattr(exc, "code")), str(getattr(exc, "message")),
-                    headers={"Retry-After": str(retry)} if retry is not None else None)
-
-
 def overloaded(retry_after_s: int) -> ApiError:
-    """Too many requests already wait for inference (admission in server/http/state.py): the same
-    503 / code 60 / message as the batcher's Overloaded, refused before any work is done."""
+    """Too much work waits for inference: a model's batcher queue, or whole requests (admission in
+    server/http/state.py)."""
     return ApiError(503, 60, f"Server is overloaded, please retry after {retry_after_s} s",
                     headers={"Retry-After": str(retry_after_s)})
+
+
+def inference_timeout() -> ApiError:
+    return ApiError(503, 61, "Request timed out waiting for inference")
+
+
+def cancelled() -> ApiError:
+    """The client went away (499: nginx's "client closed request"); answered all the same, for the
+    access log and the metrics."""
+    return ApiError(499, 62, "Request cancelled")
+
+
+# ---------------------------------------------------------------------------- the layers' exceptions
+# Exception class -> its answer. Looked up along the exception's MRO (most specific class first), as
+# Starlette looks up exception handlers; server/http/app.py installs one handler per class.
+EXCEPTIONS: dict[type[Exception], Callable[[Any], ApiError]] = {
+    core.NoFaceFound: lambda exc: no_face(),
+    core.TooManyFaces: lambda exc: too_many_faces(),
+    core.SubjectExists: lambda exc: subject_exists(),
+    core.SubjectNotFound: lambda exc: subject_not_found(exc.name),
+    core.SubjectWithoutFaces: lambda exc: subject_without_faces(exc.name),
+    core.ImageNotFound: lambda exc: image_not_found(exc.image_id),
+    core.ImageIdIncorrect: lambda exc: image_id_incorrect(),
+    core.InvalidEmbeddings: lambda exc: undefined(exc.message),
+    Overloaded: lambda exc: overloaded(exc.retry_after_s),
+    DeadlineExceeded: lambda exc: inference_timeout(),
+    Cancelled: lambda exc: cancelled(),
+    BackendError: lambda exc: faces_service(str(exc) or type(exc).__name__),  # inference failed
+}
+
+
+def api_error(exc: Exception) -> ApiError | None:
+    """The answer to `exc`: itself if an ApiError, else its EXCEPTIONS entry; None for other exceptions."""
+    if isinstance(exc, ApiError):
+        return exc
+    for cls in type(exc).__mro__:
+        answer = EXCEPTIONS.get(cls)
+        if answer is not None:
+            return answer(exc)
+    return None
 
 
 # ---------------------------------------------------------------------------- rendering

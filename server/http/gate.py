@@ -6,7 +6,10 @@ Order, as CompreFace's stack has it (nginx, then the Java SecurityValidationFilt
    bodies without a length (chunked) are counted while they stream and cut off at the limit;
 3. requests under /api/v1/{recognition,detection,verification} need `x-api-key`: missing -> 20,
    not a UUID -> 26, unknown or of another service type -> 404 code 10;
-4. any exception escaping a route becomes a CompreFace JSON error (never a bare 500).
+4. any exception escaping a route becomes a CompreFace JSON error, never a bare 500: the lower
+   layers' exceptions that errors.EXCEPTIONS maps are answered by `answer_exception` (Starlette's
+   handler for them, installed by create_app); ApiErrors, and as the last resort any other exception
+   (400, code 0), are answered here.
 """
 from __future__ import annotations
 
@@ -16,7 +19,8 @@ from typing import Any
 
 import anyio
 
-from starlette.requests import ClientDisconnect
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.http import errors
@@ -118,17 +122,29 @@ class Gate:
 
     @staticmethod
     def _as_api_error(exc: Exception, scope: Scope) -> errors.ApiError:
-        if isinstance(exc, errors.ApiError):
-            return exc
-        if isinstance(exc, BackendError) and hasattr(exc, "http_status") and hasattr(exc, "code"):
-            log.warning("inference refused on %s %s: %s", scope["method"], loggable_path(scope["path"]), exc)
-            return errors.from_batcher(exc)
-        if isinstance(exc, BackendError):
-            log.error("inference failed on %s %s: %s", scope["method"], loggable_path(scope["path"]), exc)
-            return errors.faces_service(str(exc) or type(exc).__name__)
+        err = errors.api_error(exc)
+        if err is not None:
+            _log_inference(exc, err, scope)
+            return err
         # CompreFace's handleUndefinedExceptions: 400, code 0. Log the cause for the operator.
         log.exception("unexpected error on %s %s", scope["method"], loggable_path(scope["path"]))
         return errors.undefined()
+
+
+async def answer_exception(request: Request, exc: Exception) -> Response:
+    """Starlette's exception handler for each class of errors.EXCEPTIONS (create_app installs it)."""
+    err = errors.api_error(exc)
+    _log_inference(exc, err, request.scope)
+    return errors.error_response(err)
+
+
+def _log_inference(exc: Exception, err: errors.ApiError, scope: Scope) -> None:
+    """A refused inference (overload, deadline, client gone) is a warning; a failed one (500) an error."""
+    if not isinstance(exc, BackendError):
+        return
+    failed = err.status == 500
+    log.log(logging.ERROR if failed else logging.WARNING, "inference %s on %s %s: %s", "failed" if failed else "refused",
+            scope["method"], loggable_path(scope["path"]), exc)
 
 
 def _content_length(scope: Scope) -> int | None:

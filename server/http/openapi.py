@@ -1,12 +1,14 @@
 """The OpenAPI 3.0 document, written by hand from one table of operations.
 
-`tests/test_api_openapi.py` checks that every route of the app appears here and vice versa.
+`tests/test_api.py` (test_openapi_covers_every_route) checks that every route of the app appears here
+and vice versa.
 """
 from __future__ import annotations
 
 from typing import Any
 
 from server.config import Settings
+from server.core.subjects import SUBJECT_NAME_MAX
 
 # ------------------------------------------------------------------------------- parameters
 _P: dict[str, dict[str, Any]] = {
@@ -80,7 +82,8 @@ _UNAVAILABLE = {"503": {"description": "Not ready yet (code 0), inference overlo
 _IMAGE_PARAMS = ("limit", "det_prob_threshold", "face_plugins", "status")
 _EMBEDDINGS = {"type": "object", "required": ["embeddings"],
                "properties": {"embeddings": {"type": "array", "items": _ref("Embedding")}}}
-_SUBJECT = {"type": "object", "required": ["subject"], "properties": {"subject": {"type": "string", "maxLength": 50}}}
+_SUBJECT = {"type": "object", "required": ["subject"],
+            "properties": {"subject": {"type": "string", "maxLength": SUBJECT_NAME_MAX}}}
 
 # (method, path, tag, summary, security, parameters, requestBody, responses)
 R, D, V, A, N = "recognition", "detection", "verification", "admin", None
@@ -123,7 +126,8 @@ OPERATIONS: list[tuple[str, str, str, str, str | None, list, dict | None, dict]]
     ("post", "/api/v1/recognition/embeddings/faces", "extensions",
      "Add many examples from precomputed embeddings, in one transaction (our extension, not in CompreFace)", R, [],
      _json_body({"type": "array", "maxItems": 1000, "items": {"type": "object", "required": ["subject", "embedding"],
-                 "properties": {"subject": {"type": "string", "maxLength": 50}, "embedding": _ref("Embedding")}}}),
+                 "properties": {"subject": {"type": "string", "maxLength": SUBJECT_NAME_MAX},
+                                "embedding": _ref("Embedding")}}}),
      _ok({"type": "array", "items": _ref("FaceRef")}, "201", "Created, in request order")),
     ("post", "/api/v1/recognition/subjects/{subject}/verify", "extensions",
      "Verify the faces of an image against every example of a subject: the best similarity and its "

@@ -23,6 +23,8 @@ from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.requests import Request
 
+from server.core import subjects
+from server.core.errors import BlankSubjectName, InvalidSubjectName, SubjectNameForbiddenCharacter, SubjectNameTooLong
 from server.http import errors
 from server.vision.decode import extension_allowed
 
@@ -168,11 +170,8 @@ def prediction_count(params: Params) -> int:
     return count
 
 
-SUBJECT_NAME_MAX = 50
-
-
 def validate_subject_dto(body: Any) -> str:
-    """SubjectDto (POST/PUT /subjects): @NotBlank, @Size(1..50), @Pattern([^;/\\\\]+)."""
+    """SubjectDto (POST/PUT /subjects): @NotBlank, @Size(1..50), @Pattern([^;/\\\\]+) (server/core/subjects.py)."""
     if not isinstance(body, dict):
         raise errors.unreadable_body("expected a JSON object like {\"subject\": \"name\"}")
     name = body.get("subject")
@@ -181,23 +180,22 @@ def validate_subject_dto(body: Any) -> str:
             name = str(name)  # Jackson coerces scalars to String
         else:
             raise errors.unreadable_body("'subject' must be a string")
-    if name is None or not name.strip():
-        raise errors.field_constraint(errors.SUBJECT_NAME_BLANK)
-    if len(name) > SUBJECT_NAME_MAX:
-        raise errors.field_constraint(errors.SUBJECT_NAME_SIZE)
-    if any(c in name for c in ";/\\"):
-        raise errors.subject_pattern()
-    return name
+    try:
+        return subjects.check_subject_name("" if name is None else name)
+    except BlankSubjectName:
+        raise errors.field_constraint(errors.SUBJECT_NAME_BLANK) from None
+    except SubjectNameTooLong:
+        raise errors.field_constraint(errors.SUBJECT_NAME_SIZE) from None
+    except SubjectNameForbiddenCharacter:
+        raise errors.subject_pattern() from None
 
 
 def require_not_blank(value: str | None) -> str:
     """@NotBlank(message = SUBJECT_NAME_IS_EMPTY) on a method parameter."""
-    if value is None or not value.strip():
-        raise errors.constraint_violations([errors.SUBJECT_NAME_IS_EMPTY])
-    return value
-
-
-SUBJECT_NAME_STORED_MAX = 255  # CompreFace's subject_name column is a varchar(255)
+    try:
+        return subjects.check_not_blank("" if value is None else value)
+    except BlankSubjectName:
+        raise errors.constraint_violations([errors.SUBJECT_NAME_IS_EMPTY]) from None
 
 
 def example_subject(value: str | None) -> str:
@@ -205,9 +203,10 @@ def example_subject(value: str | None) -> str:
     than CompreFace's column fails its insert (DataIntegrityViolation -> handleUndefinedExceptions:
     400, code 0). Without this, a 10 MB form field would become a subject name."""
     name = require_not_blank(value)
-    if len(name) > SUBJECT_NAME_STORED_MAX:
-        raise errors.undefined()
-    return name
+    try:
+        return subjects.check_example_subject(name)
+    except InvalidSubjectName:  # longer than the stored column
+        raise errors.undefined() from None
 
 
 # ------------------------------------------------------------------------------- bodies

@@ -1,7 +1,6 @@
 """What the routes share: the app's parts (filled by the lifespan) and per-request helpers."""
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, field
 from functools import partial
@@ -14,6 +13,7 @@ from starlette.requests import Request
 from server.http import errors
 from server.config import Settings
 from server.inference import inflight_limit
+from server.inference.scope import Cancelled, request_scope, retry_after_s
 
 T = TypeVar("T")
 
@@ -50,7 +50,7 @@ class AppState:
         if stats.borrowed_tokens < stats.total_tokens or stats.tasks_waiting < self.settings.max_waiting_inference:
             return
         drain_s = (stats.tasks_waiting + stats.borrowed_tokens) * self.inference_s / stats.total_tokens
-        raise errors.overloaded(int(min(60, max(1, math.ceil(drain_s)))))
+        raise errors.overloaded(retry_after_s(drain_s))
 
     def require_ready(self) -> None:
         if not self.ready:
@@ -106,8 +106,6 @@ async def inference(request: Request, func: Callable[..., T], *args: Any, **kwar
     scope: the micro-batcher reads its deadline (settings.request_timeout_s) from the contextvar,
     which anyio copies into the worker thread. A client that disconnects meanwhile gets its queued
     work withdrawn from the batcher (and its wait for a slot abandoned), so it costs no inference."""
-    from server.inference.batcher import Cancelled, request_scope
-
     state = app_state(request)
     state.require_ready()
     state.admit_inference()

@@ -3,7 +3,7 @@
     batcher = MicroBatcher(OnnxRuntimeBackend(repo), policies_from_settings(settings), metrics=metrics)
     pipeline = FacePipeline.from_settings(settings, backend=batcher)   # pipeline code is unchanged
     ...
-    with request_scope(timeout_s=settings.request_timeout_s) as scope:  # per request, in the API
+    with request_scope(timeout_s=settings.request_timeout_s) as scope:  # server/inference/scope.py
         faces = await run_in_threadpool(pipeline.faces, image)        # contextvars reach the thread
     # client went away: scope.cancel() frees its queued work (callable from any thread / the loop),
     # e.g. from a task that awaits the ASGI `http.disconnect` message once the body has been read
@@ -47,7 +47,7 @@ Back-pressure, deadlines, cancellation:
   that does not fit raises `Overloaded(retry_after_s)` at once (a call bigger than the whole
   capacity is still accepted by an empty queue, or it could never run);
 - the deadline (monotonic seconds) is the `deadline=` keyword or the current `RequestScope`'s
-  (a contextvar set by the API; anyio's `to_thread.run_sync` / Starlette's `run_in_threadpool`
+  (scope.py: a contextvar set by the API; anyio's `to_thread.run_sync` / Starlette's `run_in_threadpool`
   copy the context into the worker thread). A caller whose deadline passes gets
   `DeadlineExceeded` at that moment: its queued chunks are withdrawn, and a dispatcher never
   sends an item whose deadline has passed. A batch already running is not interrupted; its
@@ -66,28 +66,23 @@ throughput ("Queue delay"). Instances: in-process, one single-threaded instance 
 core (server.inference.model_instances, Settings.intra_op_threads), which does more images/s than one instance on
 threads of its own ("Threads and instances").
 
-HTTP mapping for the API's error table (CompreFace has no equivalent; its JSON shape is kept):
-- `Overloaded`       -> 503, header `Retry-After: <retry_after_s>`,
-                        {"message": "Server is overloaded, please retry after <n> s", "code": 60}
-- `DeadlineExceeded` -> 503, {"message": "Request timed out waiting for inference", "code": 61}
-- `Cancelled`        -> the client is gone; nothing needs to be sent (499 in access logs).
-Each exception carries `http_status`, `code` and `message` attributes with these values.
+The request scope and the three refusals (`Overloaded`, `DeadlineExceeded`, `Cancelled`) are
+server/inference/scope.py's; server/http/errors.py maps them to HTTP answers.
 """
 from __future__ import annotations
 
-import contextvars
 import math
 import threading
 import time
 from collections import deque
-from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterator, Mapping
+from typing import TYPE_CHECKING, Mapping
 
 import numpy as np
 
 from server.inference import model_instances, names
 from server.inference.base import Backend, BackendError
+from server.inference.scope import Cancelled, DeadlineExceeded, Overloaded, current_scope, retry_after_s
 
 if TYPE_CHECKING:  # metrics is optional at run time; only its type is needed here
     from server.config import Settings
@@ -95,54 +90,10 @@ if TYPE_CHECKING:  # metrics is optional at run time; only its type is needed he
 
 __all__ = [
     "BatchPolicy",
-    "Cancelled",
-    "DeadlineExceeded",
     "MicroBatcher",
-    "Overloaded",
-    "RequestScope",
     "create_batcher",
-    "current_scope",
     "policies_from_settings",
-    "request_scope",
 ]
-
-
-# ---------------------------------------------------------------------------- errors
-class Overloaded(BackendError):
-    """The model's queue is full; retry after `retry_after_s` seconds (HTTP 503 + Retry-After)."""
-
-    http_status = 503
-    code = 60
-
-    def __init__(self, model: str, retry_after_s: int) -> None:
-        self.model = model
-        self.retry_after_s = retry_after_s
-        self.message = f"Server is overloaded, please retry after {retry_after_s} s"
-        super().__init__(self.message)
-
-
-class DeadlineExceeded(BackendError):
-    """The request's deadline passed before its inference was done."""
-
-    http_status = 503
-    code = 61
-    message = "Request timed out waiting for inference"
-
-    def __init__(self, model: str) -> None:
-        self.model = model
-        super().__init__(f"{self.message} ({model})")
-
-
-class Cancelled(BackendError):
-    """The request was cancelled (client disconnected); its queued work was dropped."""
-
-    http_status = 499
-    code = 62
-    message = "Request cancelled"
-
-    def __init__(self, model: str) -> None:
-        self.model = model
-        super().__init__(f"{self.message} ({model})")
 
 
 # ---------------------------------------------------------------------------- policies
@@ -160,65 +111,6 @@ class BatchPolicy:
             raise ValueError("max_queue_delay_ms must be >= 0")
 
 
-# ---------------------------------------------------------------------------- request scope
-class RequestScope:
-    """Per-request deadline and cancellation, shared by every backend call of the request."""
-
-    def __init__(self, deadline: float | None = None) -> None:
-        self.deadline = deadline  # time.monotonic() seconds; None: no deadline
-        self._lock = threading.Lock()
-        self._cancelled = False
-        self._calls: set[_Call] = set()
-
-    @property
-    def cancelled(self) -> bool:
-        return self._cancelled
-
-    def remaining_s(self) -> float | None:
-        return None if self.deadline is None else self.deadline - time.monotonic()
-
-    def cancel(self) -> None:
-        """Withdraw this request's queued work; its waiting callers raise `Cancelled`. Idempotent."""
-        with self._lock:
-            if self._cancelled:
-                return
-            self._cancelled = True
-            calls = list(self._calls)
-        for call in calls:
-            call.queue.abandon(call, Cancelled(call.queue.model))
-
-    def _register(self, call: "_Call") -> bool:
-        with self._lock:
-            if self._cancelled:
-                return False
-            self._calls.add(call)
-            return True
-
-    def _unregister(self, call: "_Call") -> None:
-        with self._lock:
-            self._calls.discard(call)
-
-
-_SCOPE: contextvars.ContextVar[RequestScope | None] = contextvars.ContextVar("request_scope", default=None)
-
-
-def current_scope() -> RequestScope | None:
-    return _SCOPE.get()
-
-
-@contextmanager
-def request_scope(timeout_s: float | None = None, *, deadline: float | None = None) -> Iterator[RequestScope]:
-    """Make a RequestScope current for the block (and for threads started with a copy of the context)."""
-    if deadline is None and timeout_s is not None and timeout_s > 0:
-        deadline = time.monotonic() + timeout_s
-    scope = RequestScope(deadline)
-    token = _SCOPE.set(scope)
-    try:
-        yield scope
-    finally:
-        _SCOPE.reset(token)
-
-
 # ---------------------------------------------------------------------------- queue internals
 class _Call:
     """One `run` invocation: one or more chunks (tickets) of the same input signature."""
@@ -234,6 +126,10 @@ class _Call:
         self.error: BaseException | None = None
         self.event: threading.Event | None = None  # only queued calls need one to wait on
         self.inline = False  # the caller runs it itself (idle fast path)
+
+    def cancel(self) -> None:
+        """RequestScope.cancel: withdraw the queued chunks; the caller raises Cancelled."""
+        self.queue.abandon(self, Cancelled(self.queue.model))
 
 
 class _Ticket:
@@ -379,10 +275,8 @@ class _ModelQueue:
             del self.group_rows[t.key]
 
     def _retry_after_locked(self) -> int:
-        # Time to drain what is queued at the measured throughput; at least 1 s (HTTP's unit).
-        if self.rows_per_s <= 0:
-            return 1
-        return int(min(60, max(1, math.ceil(self.rows / self.rows_per_s))))
+        # Time to drain what is queued at the measured throughput (none measured yet: 1 s).
+        return retry_after_s(self.rows / self.rows_per_s if self.rows_per_s > 0 else 0.0)
 
     def _start_locked(self) -> None:
         for i in range(self.policy.instances):
@@ -553,7 +447,7 @@ class MicroBatcher:
     def run(
         self, model: str, inputs: Mapping[str, np.ndarray], *, deadline: float | None = None
     ) -> dict[str, np.ndarray]:
-        scope = _SCOPE.get()
+        scope = current_scope()
         if deadline is None and scope is not None:
             deadline = scope.deadline
         if scope is not None and scope.cancelled:
@@ -568,15 +462,15 @@ class MicroBatcher:
         if queue is None or rows == 0:
             return self.inner.run(model, feed)
         call = queue.submit(feed, rows, _signature(feed), deadline)
-        if scope is not None and not scope._register(call):
-            queue.abandon(call, Cancelled(model))
+        if scope is not None and not scope.register(call):
+            call.cancel()
         try:
             if call.inline:
                 queue.run_inline(call)
             return queue.wait(call)
         finally:
             if scope is not None:
-                scope._unregister(call)
+                scope.unregister(call)
 
     def stats(self, model: str) -> dict[str, float]:
         """Counters since start: batches, rows, mean/largest batch size, queued rows."""

@@ -18,7 +18,7 @@ Conventions
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable, Iterator, NamedTuple, Protocol, Sequence, runtime_checkable
+from typing import Callable, Iterable, Iterator, NamedTuple, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
@@ -291,6 +291,17 @@ class Storage(ChangeFeed, Protocol):
         """Drop change rows with seq <= up_to (e.g. after the index saved a snapshot at up_to);
         returns rows dropped. Afterwards `changes_since(c, s)` with s < up_to raises StorageError
         (the reader must rebuild from all_vectors)."""
+
+    # ---- other processes' changes
+    def start_follower(self, on_change: Callable[[str, int], object],
+                       on_drop: Callable[[str], object] | None = None, *, listen: bool = True) -> None:
+        """Call `on_change(collection, seq)` when another process may have committed changes of the
+        collection up to `seq`, and `on_drop(collection)` when it deleted one, from a thread of the
+        storage's own. PostgreSQL (replicas sharing one database) follows; SQLite has nothing to follow
+        (one server process owns the file) and does nothing. `listen=False`: poll only."""
+
+    def stop_follower(self) -> None:
+        """Stop what start_follower started (nothing if it did not run)."""
 
     # ---- lifecycle
     def close(self) -> None:

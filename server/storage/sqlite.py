@@ -16,7 +16,7 @@ import threading
 import weakref
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -214,6 +214,14 @@ class SqliteStorage(SqlStorage):
             holders = list(self._holders)
         for holder in holders:
             holder.close()
+
+    # ------------------------------------------------------------------ following other processes
+    def start_follower(self, on_change: Callable[[str, int], object],
+                       on_drop: Callable[[str], object] | None = None, *, listen: bool = True) -> None:
+        """Nothing to follow: one server process owns the file (the `keys` CLI only manages keys)."""
+
+    def stop_follower(self) -> None:
+        """Nothing to stop (see start_follower)."""
 
     # ------------------------------------------------------------------ dialect
     def _execute(self, con: sqlite3.Connection, sql: str, args: Sequence = (), binary: bool = False) -> sqlite3.Cursor:

@@ -71,7 +71,7 @@ class PixelBudget:
     A decoded image costs ~3 bytes per pixel plus the pipeline's working copies, and the per-image
     limit (MAX_PIXELS) alone lets N concurrent requests hold N x 100 MP: a flood of small files that
     decode to huge images (a 8 KB PNG can be 8000x8000) would otherwise run the server out of memory.
-    Requests wait (respecting their deadline and cancellation, see server.inference.batcher.RequestScope)
+    Requests wait (respecting their deadline and cancellation, see server.inference.scope.RequestScope)
     until their image fits; an image larger than the whole budget runs alone.
     """
 
@@ -86,7 +86,7 @@ class PixelBudget:
         if self.limit <= 0 or pixels <= 0:
             yield
             return
-        from server.inference.batcher import Cancelled, DeadlineExceeded, current_scope
+        from server.inference.scope import Cancelled, DeadlineExceeded, current_scope
 
         need = min(pixels, self.limit)
         scope = current_scope()

@@ -13,18 +13,10 @@ from onnx import TensorProto, helper
 
 from server.inference.base import BackendError
 from server.inference.onnxruntime import OnnxRuntimeBackend
-from server.inference.batcher import (
-    BatchPolicy,
-    Cancelled,
-    DeadlineExceeded,
-    MicroBatcher,
-    Overloaded,
-    create_batcher,
-    current_scope,
-    policies_from_settings,
-    request_scope,
-)
+from server.inference.batcher import BatchPolicy, MicroBatcher, create_batcher, policies_from_settings
+from server.inference.scope import Cancelled, DeadlineExceeded, Overloaded, current_scope, request_scope
 from server.config import Settings
+from server.http.errors import api_error
 from server.metrics import Metrics
 
 
@@ -260,8 +252,9 @@ def test_overloaded_is_immediate_and_recovers(ort):
     with pytest.raises(Overloaded) as info:
         batcher.run("double", {"x": _rows(9, 1)})
     assert time.perf_counter() - t0 < 0.05
-    assert info.value.retry_after_s >= 1 and info.value.http_status == 503
-    assert "retry after" in info.value.message
+    answer = api_error(info.value)  # the HTTP answer to it (server/http/errors.py)
+    assert info.value.retry_after_s >= 1 and answer.status == 503
+    assert "retry after" in answer.message
     rec.gate.set()
     for k, (th, box) in enumerate([first, *queued]):
         th.join(5)

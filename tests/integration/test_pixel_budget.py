@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from server.inference.batcher import Cancelled, DeadlineExceeded, request_scope
+from server.inference.scope import Cancelled, DeadlineExceeded, request_scope
 from server.vision.decode import PixelBudget, image_pixels
 from tests.support.api_server import live_server
 

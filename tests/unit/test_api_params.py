@@ -19,9 +19,10 @@ def params(**kw: str) -> Params:
 
 
 def code_of(fn, *args, **kwargs) -> tuple[int, int, str]:
-    with pytest.raises(errors.ApiError) as info:
+    with pytest.raises((errors.ApiError, *errors.EXCEPTIONS)) as info:  # the core's errors: as the API answers them
         fn(*args, **kwargs)
-    return info.value.status, info.value.code, info.value.message
+    err = errors.api_error(info.value)
+    return err.status, err.code, err.message
 
 
 @pytest.mark.parametrize("text, value", [("0", 0), (" 12 ", 12), ("-3", -3), ("0x10", 16), ("+7", 7),
@@ -116,12 +117,12 @@ def test_client_embeddings_are_checked():
 
 
 def test_batcher_errors_map_to_503():
-    from server.inference.batcher import DeadlineExceeded, Overloaded
+    from server.inference.scope import DeadlineExceeded, Overloaded
 
-    err = errors.from_batcher(Overloaded("face_embedder", 3))
+    err = errors.api_error(Overloaded("face_embedder", 3))
     assert (err.status, err.code, err.headers) == (503, 60, {"Retry-After": "3"})
     assert err.message == "Server is overloaded, please retry after 3 s"
     response = errors.error_response(err)
     assert response.headers["retry-after"] == "3" and response.status_code == 503
-    err = errors.from_batcher(DeadlineExceeded("face_embedder"))
+    err = errors.api_error(DeadlineExceeded("face_embedder"))
     assert (err.status, err.code, err.message) == (503, 61, "Request timed out waiting for inference")

@@ -15,7 +15,8 @@ from starlette.routing import Mount, Route
 from starlette.testclient import TestClient
 
 from server.inference.onnxruntime import OnnxRuntimeBackend
-from server.inference.batcher import BatchPolicy, DeadlineExceeded, MicroBatcher, Overloaded
+from server.inference.batcher import BatchPolicy, MicroBatcher
+from server.inference.scope import DeadlineExceeded, Overloaded
 from server.metrics import UNMATCHED_ROUTE, Metrics, RequestMetricsMiddleware
 
 

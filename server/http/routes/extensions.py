@@ -15,17 +15,14 @@ tags them "extensions"). Both take the recognition service's x-api-key.
 """
 from __future__ import annotations
 
-from typing import Any
-
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
 from server.http import errors, params
-from server.http.images import read_image_request
-from server.http.responses import JSONResponse, add_execution_time, face_fields, plugins_versions, wants_embedding
-from server.http.state import api_key, app_state, blocking, inference
-from server.vision.plugins import parse_face_plugins
+from server.http.images import read_faces_request
+from server.http.responses import JSONResponse
+from server.http.state import api_key, app_state, blocking
 from server.core.service import check_embeddings, l2_normalise, round5
 from server.storage import NewFace
 
@@ -57,27 +54,14 @@ async def add_embeddings(request: Request) -> Response:
 async def verify_subject(request: Request) -> Response:
     state = app_state(request)
     subject = params.require_not_blank(request.path_params["subject"])
-    req = await read_image_request(request, {"file": "content"})
-    p = params.image_params(req.params)
-    image = req.images()[0]
-    selected = parse_face_plugins(p.face_plugins)
-    analysis = await inference(request, state.service.analyse, image.data, det_prob_threshold=p.det_prob_threshold,
-                               limit=p.limit, plugins=selected)
+    q = await read_faces_request(request)
+    analysis = await q.analyse(q.images[0])
     # as faces/{image_id}/verify: the faces are found first (code 28), then the subject (code 42)
     name, best_ids, sims = await blocking(state.service.subject_similarities, api_key(request).collection,
                                           subject, analysis.embeddings())
-    with_embedding = wants_embedding(p.face_plugins)
-    result = []
-    for face, extra, image_id, sim in zip(analysis.faces, analysis.extras, best_ids, sims):
-        fields = face_fields(face, extra, rounded=True, embedding=with_embedding, status=p.status)
-        item: dict[str, Any] = {"box": fields.pop("box"), "subject": name, "similarity": round5(sim),
-                                "image_id": image_id}
-        item.update(fields)
-        result.append(add_execution_time(item, face, extra, p.status))
-    out: dict[str, Any] = {"result": result}
-    if p.status:
-        out["plugins_versions"] = plugins_versions(analysis.versions)
-    return JSONResponse(out)
+    matches = [{"subject": name, "similarity": round5(sim), "image_id": image_id}
+               for image_id, sim in zip(best_ids, sims)]
+    return JSONResponse(q.with_versions({"result": q.faces(analysis, matches, box_first=True)}, analysis))
 
 
 routes = [

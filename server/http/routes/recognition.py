@@ -10,19 +10,11 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from server.http import errors, params
-from server.http.images import read_image_request
+from server.http.images import FILE, read_faces_request, read_image_request
 from server.http.params import Params
-from server.http.responses import (
-    JSONResponse,
-    add_execution_time,
-    face_fields,
-    plugins_versions,
-    wants_embedding,
-)
+from server.http.responses import JSONResponse
 from server.http.state import api_key, app_state, blocking, inference
-from server.vision.plugins import parse_face_plugins
 from server.core.service import check_embeddings, round5
-from server.storage import SubjectExists, SubjectNotFound
 
 PREFIX = "/api/v1/recognition"
 CACHE_CONTROL = "public, max-age=31536000"  # CompreFace's CACHE_CONTROL_HEADER_VALUE
@@ -31,11 +23,7 @@ CACHE_CONTROL = "public, max-age=31536000"  # CompreFace's CACHE_CONTROL_HEADER_
 # ------------------------------------------------------------------------------- subjects
 async def create_subject(request: Request) -> Response:
     name = params.validate_subject_dto(await params.read_json(request))
-    storage = app_state(request).storage
-    try:
-        stored = await blocking(storage.add_subject, api_key(request).collection, name)
-    except SubjectExists:
-        raise errors.subject_exists() from None
+    stored = await blocking(app_state(request).service.add_subject, api_key(request).collection, name)
     return JSONResponse({"subject": stored}, status_code=201)
 
 
@@ -49,11 +37,7 @@ async def rename_subject(request: Request) -> Response:
     new = params.validate_subject_dto(await params.read_json(request))
     if new == old:  # SubjectService.updateSubjectName: nothing to do, before any lookup
         return JSONResponse({"updated": False})
-    state = app_state(request)
-    try:
-        updated = await blocking(state.storage.rename_subject, api_key(request).collection, old, new)
-    except SubjectNotFound:
-        raise errors.subject_not_found(old) from None
+    updated = await blocking(app_state(request).service.rename_subject, api_key(request).collection, old, new)
     return JSONResponse({"updated": bool(updated)})
 
 
@@ -72,7 +56,7 @@ async def delete_all_subjects(request: Request) -> Response:
 async def add_face(request: Request) -> Response:
     """POST /faces?subject=&det_prob_threshold= with a file (multipart) or {"file": base64}."""
     state = app_state(request)
-    req = await read_image_request(request, {"file": "content"})
+    req = await read_image_request(request, FILE)
     subject = params.example_subject(req.params.required_string("subject"))
     threshold = req.params.number("det_prob_threshold")
     image = req.images()[0]
@@ -147,50 +131,25 @@ def image_response(data: bytes | None) -> Response:
 # ------------------------------------------------------------------------------- recognize / verify
 async def recognize(request: Request) -> Response:
     state = app_state(request)
-    req = await read_image_request(request, {"file": "content"})
-    p = params.image_params(req.params, prediction_count=True, detect_faces=True)
-    image = req.images()[0]
-    selected = parse_face_plugins(p.face_plugins)
-    analysis = await inference(request, state.service.analyse, image.data, det_prob_threshold=p.det_prob_threshold,
-                               limit=p.limit, plugins=selected, detect_faces=p.detect_faces)
+    q = await read_faces_request(request, prediction_count=True, detect_faces=True)
+    analysis = await q.analyse(q.images[0])
     matches = await blocking(state.service.recognize, api_key(request).collection, analysis.embeddings(),
-                             p.prediction_count)
-    with_embedding = wants_embedding(p.face_plugins)
-    result = []
-    for face, extra, hits in zip(analysis.faces, analysis.extras, matches):
-        item = face_fields(face, extra, rounded=True, embedding=with_embedding, status=p.status)
-        item["subjects"] = [{"subject": s, "similarity": round5(sim)} for s, sim in hits]
-        result.append(add_execution_time(item, face, extra, p.status))
-    body: dict[str, Any] = {"result": result}
-    if p.status:
-        body["plugins_versions"] = plugins_versions(analysis.versions)
-    return JSONResponse(body)
+                             q.params.prediction_count)
+    subjects = [{"subjects": [{"subject": s, "similarity": round5(sim)} for s, sim in hits]} for hits in matches]
+    return JSONResponse(q.with_versions({"result": q.faces(analysis, subjects)}, analysis))
 
 
 async def verify_face(request: Request) -> Response:
     """POST /faces/{image_id}/verify: each face of the image against one stored face."""
     state = app_state(request)
     image_id = params.parse_uuid("image_id", request.path_params["image_id"])
-    req = await read_image_request(request, {"file": "content"})
-    p = params.image_params(req.params)
-    image = req.images()[0]
-    selected = parse_face_plugins(p.face_plugins)
-    analysis = await inference(request, state.service.analyse, image.data, det_prob_threshold=p.det_prob_threshold,
-                               limit=p.limit, plugins=selected)
+    q = await read_faces_request(request)
+    analysis = await q.analyse(q.images[0])
     # As CompreFace: the faces are found first (code 28), then the id is looked up (code 44).
     stored = await blocking(state.service.stored_face, api_key(request).collection, image_id)
     sims = state.service.similarities(stored.embedding, analysis.embeddings())
-    with_embedding = wants_embedding(p.face_plugins)
-    result = []
-    for face, extra, sim in zip(analysis.faces, analysis.extras, sims):
-        fields = face_fields(face, extra, rounded=True, embedding=with_embedding, status=p.status)
-        item: dict[str, Any] = {"box": fields.pop("box"), "subject": stored.subject, "similarity": round5(sim)}
-        item.update(fields)
-        result.append(add_execution_time(item, face, extra, p.status))
-    body: dict[str, Any] = {"result": result}
-    if p.status:
-        body["plugins_versions"] = plugins_versions(analysis.versions)
-    return JSONResponse(body)
+    matches = [{"subject": stored.subject, "similarity": round5(sim)} for sim in sims]
+    return JSONResponse(q.with_versions({"result": q.faces(analysis, matches, box_first=True)}, analysis))
 
 
 # ------------------------------------------------------------------------------- embeddings

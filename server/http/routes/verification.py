@@ -7,13 +7,13 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from server.http import errors, params
-from server.http.images import read_image_request
-from server.http.routes.recognition import ranked
-from server.http.responses import JSONResponse, add_execution_time, face_fields, plugins_versions, wants_embedding
-from server.http.state import app_state, inference
-from server.vision.plugins import parse_face_plugins
 from server.core.service import check_embeddings, round5
+from server.core.subjects import single_face
+from server.http import errors, params
+from server.http.images import read_faces_request
+from server.http.responses import JSONResponse
+from server.http.routes.recognition import ranked
+from server.http.state import app_state
 
 PARTS = {"source_image": "sourceImageBase64", "target_image": "targetImageBase64"}
 
@@ -21,31 +21,17 @@ PARTS = {"source_image": "sourceImageBase64", "target_image": "targetImageBase64
 async def verify(request: Request) -> Response:
     """The one face of source_image against every face of target_image."""
     state = app_state(request)
-    req = await read_image_request(request, PARTS)
-    p = params.image_params(req.params)
-    source, target = req.images()
-    selected = parse_face_plugins(p.face_plugins)
-    kwargs = dict(det_prob_threshold=p.det_prob_threshold, limit=p.limit, plugins=selected)
-    src = await inference(request, state.service.analyse, source.data, **kwargs)
-    if len(src.faces) > 1:
-        raise errors.too_many_faces()
-    tgt = await inference(request, state.service.analyse, target.data, **kwargs)
+    q = await read_faces_request(request, PARTS)
+    source, target = q.images
+    src = await q.analyse(source)
+    single_face(src.faces)  # TooManyFaces (code 31) before the target is analysed
+    tgt = await q.analyse(target)
     sims = state.service.similarities(src.embeddings()[0], tgt.embeddings())
-    with_embedding = wants_embedding(p.face_plugins)
-
-    def fields(face, extra) -> dict[str, Any]:
-        return face_fields(face, extra, rounded=True, embedding=with_embedding, status=p.status)
-
-    source_face = add_execution_time(fields(src.faces[0], src.extras[0]), src.faces[0], src.extras[0], p.status)
-    matches = []
-    for face, extra, sim in zip(tgt.faces, tgt.extras, sims):
-        item = fields(face, extra)
-        item["similarity"] = round5(sim)
-        matches.append(add_execution_time(item, face, extra, p.status))
+    (source_face,) = q.faces(src)
+    matches = q.faces(tgt, [{"similarity": round5(sim)} for sim in sims])
     item: dict[str, Any] = {"source_image_face": source_face, "face_matches": matches}
-    if p.status:  # here plugins_versions sits inside the result item (VerifyFacesResponse)
-        item["plugins_versions"] = plugins_versions(src.versions)
-    return JSONResponse({"result": [item]})
+    # here plugins_versions sits inside the result item (VerifyFacesResponse)
+    return JSONResponse({"result": [q.with_versions(item, src)]})
 
 
 async def verify_embeddings(request: Request) -> Response:
