@@ -4,7 +4,7 @@ Run with a scratch virtualenv that has the real dlib (NOT a project dependency),
 
     python3 -m venv /tmp/dlibvenv && /tmp/dlibvenv/bin/pip install dlib-bin numpy pillow \
         scikit-image opencv-python-headless
-    /tmp/dlibvenv/bin/python tests/tools/make_mmod_reference.py
+    /tmp/dlibvenv/bin/python -m tests.tools.make_mmod_reference
 
 Images are decoded with the project's own server.vision.decode.decode_image (so dlib sees exactly the
 pixels the tests feed to MmodDetector); the weights file is located without importing
@@ -14,17 +14,15 @@ from __future__ import annotations
 
 import json
 import platform
-import sys
 import time
 from pathlib import Path
 
 import dlib
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO))
+from server.vision.decode import decode_image
 
-from server.vision.decode import decode_image  # noqa: E402
+REPO = Path(__file__).resolve().parents[2]
 
 SHARED = REPO.parent / "shared" / "facedata" / "dev"
 OUT = REPO / "tests" / "data" / "dlib_mmod_reference.json"
