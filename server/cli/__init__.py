@@ -1,4 +1,4 @@
-"""`python -m server ...`: serve, keys, models, import."""
+"""`python -m server ...`: serve, keys, models, import, migrate-compreface."""
 from __future__ import annotations
 
 import argparse
@@ -6,7 +6,7 @@ import logging
 import sys
 from pathlib import Path
 
-from server.cli import importer
+from server.cli import importer, migrate
 from server.config import Settings
 
 
@@ -64,6 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     else:
         register_keys(sub)
     importer.register(sub)  # python -m server import
+    migrate.register(sub)  # python -m server migrate-compreface
     return parser
 
 

@@ -27,7 +27,7 @@ from collections import Counter
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator, TypeVar
 
 import numpy as np
 
@@ -37,6 +37,9 @@ from server.core.subjects import ADD_FACE_LIMIT, check_subject_name, single_face
 from server.wiring import Inference, build_inference
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+R = TypeVar("R")
 
 DEFAULT_WORKERS = 2 * (os.cpu_count() or 2)  # enough images in flight to keep every core busy
 
@@ -62,10 +65,12 @@ class ImportReport:
         per = f", {1000 * self.seconds / self.files:.1f} ms per file" if self.files else ""
         text = (f"{self.files} files in {self.seconds:.1f} s{per}: {self.added} added, "
                 f"{self.skipped} already there, {len(self.rejected)} rejected")
+        return text + self.reasons_text()
+
+    def reasons_text(self) -> str:
+        """The rejections counted by reason, " (2 no face found, ...)"; "" when there are none."""
         reasons = self.reasons()
-        if reasons:
-            text += " (" + ", ".join(f"{n} {r}" for r, n in reasons.most_common()) + ")"
-        return text
+        return " (" + ", ".join(f"{n} {r}" for r, n in reasons.most_common()) + ")" if reasons else ""
 
 
 # ------------------------------------------------------------------------------ sources
@@ -110,6 +115,51 @@ def list_source(source: Path) -> tuple[list[Item], list[tuple[str, str]]]:
     return kept, problems
 
 
+# ------------------------------------------------------------------------------ one example
+def embed_example(pipeline, data: bytes, *, det_prob_threshold: float,
+                  max_file_size: int) -> tuple[np.ndarray | None, str]:
+    """What POST /faces does with an image: (L2-normalised embedding, "") when it is a subject's
+    example (decodes, exactly one face), else (None, the reason)."""
+    from server.core.service import l2_normalise
+    from server.vision.decode import ImageError, decode_image
+
+    if len(data) > max_file_size:
+        return None, f"file too large: {len(data)} bytes > {max_file_size}"
+    try:
+        image = decode_image(data)
+    except ImageError as exc:
+        return None, f"not a readable image: {exc}"
+    faces = pipeline.faces(image, det_prob_threshold=det_prob_threshold, limit=ADD_FACE_LIMIT)
+    try:
+        face = single_face(faces)  # as POST /faces: exactly one face
+    except DomainError as exc:
+        return None, str(exc)
+    return l2_normalise(np.asarray(face.embedding, np.float32)), ""
+
+
+def pipelined(process: Callable[[T], R], items: Iterable[T], workers: int) -> Iterator[R]:
+    """process(item) for every item on `workers` threads, results as they complete. A bounded
+    window of items is in flight (their bytes are held), enough for them to share model batches."""
+    todo = iter(items)
+    window = 4 * max(1, workers)
+    with ThreadPoolExecutor(max(1, workers), thread_name_prefix="import") as pool:
+        running: set[Future] = set()
+        while True:
+            while len(running) < window:
+                item = next(todo, _END)
+                if item is _END:
+                    break
+                running.add(pool.submit(process, item))
+            if not running:
+                return
+            done, running = wait(running, return_when=FIRST_COMPLETED)
+            for future in done:
+                yield future.result()
+
+
+_END = object()
+
+
 # ------------------------------------------------------------------------------ the importer
 @dataclass
 class _Result:
@@ -120,18 +170,31 @@ class _Result:
     reason: str = ""  # rejection reason; "skip" for known files
 
 
-class Importer:
-    """Enrols items into one collection; `run` is blocking and may be called more than once."""
+class BulkEnrolment:
+    """What the bulk use cases share (this importer, server/core/migrate.py): the storage, the batched
+    pipeline on `workers` threads, faces stored `batch` per transaction, POST /faces' rules (`embed`)."""
 
-    def __init__(self, storage, pipeline, collection: str, *, workers: int = DEFAULT_WORKERS, batch: int = 64,
+    def __init__(self, storage, pipeline, *, workers: int = DEFAULT_WORKERS, batch: int = 64,
                  det_prob_threshold: float = 0.85, max_file_size: int = 5 * 1024 * 1024) -> None:
         self.storage = storage
         self.pipeline = pipeline
-        self.collection = collection
         self.workers = max(1, workers)
         self.batch = max(1, batch)
         self.det_prob_threshold = det_prob_threshold
         self.max_file_size = max_file_size
+
+    def embed(self, data: bytes) -> tuple[np.ndarray | None, str]:
+        """embed_example with this run's threshold and size limit."""
+        return embed_example(self.pipeline, data, det_prob_threshold=self.det_prob_threshold,
+                             max_file_size=self.max_file_size)
+
+
+class Importer(BulkEnrolment):
+    """Enrols items into one collection; `run` is blocking and may be called more than once."""
+
+    def __init__(self, storage, pipeline, collection: str, **options) -> None:
+        super().__init__(storage, pipeline, **options)
+        self.collection = collection
         self._seen: set[str] = set()
         self._seen_lock = threading.Lock()
 
@@ -139,35 +202,21 @@ class Importer:
         report = ImportReport()
         pending: list[_Result] = []
         started = time.perf_counter()
-        todo = iter(items)
-        window = 4 * self.workers  # images in flight (bounds memory: their bytes are held)
-        with ThreadPoolExecutor(self.workers, thread_name_prefix="import") as pool:
-            running: set[Future] = set()
-            while True:
-                while len(running) < window:
-                    item = next(todo, None)
-                    if item is None:
-                        break
-                    running.add(pool.submit(self._process, item))
-                if not running:
-                    break
-                done, running = wait(running, return_when=FIRST_COMPLETED)
-                for future in done:
-                    result = future.result()
-                    report.files += 1
-                    if result.reason == "skip":
-                        report.skipped += 1
-                    elif result.reason:
-                        report.rejected.append((str(result.item.path), result.reason))
-                    else:
-                        pending.append(result)
-                    if len(pending) >= self.batch:
-                        report.added += self._store(pending)
-                        pending = []
-                    if progress is not None:
-                        progress(report)
-            if pending:
+        for result in pipelined(self._process, items, self.workers):
+            report.files += 1
+            if result.reason == "skip":
+                report.skipped += 1
+            elif result.reason:
+                report.rejected.append((str(result.item.path), result.reason))
+            else:
+                pending.append(result)
+            if len(pending) >= self.batch:
                 report.added += self._store(pending)
+                pending = []
+            if progress is not None:
+                progress(report)
+        if pending:
+            report.added += self._store(pending)
         report.seconds = time.perf_counter() - started
         if progress is not None:
             progress(report)
@@ -175,9 +224,6 @@ class Importer:
 
     def _process(self, item: Item) -> _Result:
         """One file: read, digest (skip if known), decode, exactly one face, embed."""
-        from server.vision.decode import ImageError, decode_image
-        from server.core.service import l2_normalise
-
         result = _Result(item)
         try:
             data = item.path.read_bytes()
@@ -191,22 +237,9 @@ class Importer:
         if duplicate or self.storage.known_sources(self.collection, [result.digest]):
             result.reason = "skip"
             return result
-        if len(data) > self.max_file_size:
-            result.reason = f"file too large: {len(data)} bytes > {self.max_file_size}"
-            return result
-        try:
-            image = decode_image(data)
-        except ImageError as exc:
-            result.reason = f"not a readable image: {exc}"
-            return result
-        faces = self.pipeline.faces(image, det_prob_threshold=self.det_prob_threshold, limit=ADD_FACE_LIMIT)
-        try:
-            face = single_face(faces)  # as POST /faces: exactly one face
-        except DomainError as exc:
-            result.reason = str(exc)
-            return result
-        result.data = data
-        result.vector = l2_normalise(np.asarray(face.embedding, np.float32))
+        result.vector, result.reason = self.embed(data)
+        if result.vector is not None:
+            result.data = data
         return result
 
     def _store(self, results: list[_Result]) -> int:
