@@ -159,6 +159,17 @@ class IndexRegistry:
         out["unsaved_changes"] = entry.dirty
         return out
 
+    def loaded_stats(self) -> dict[str, dict]:
+        """stats() of every loaded collection, by collection (for the metrics, at scrape time)."""
+        with self._lock:
+            names = [name for name, entry in self._entries.items() if entry.index is not None]
+        out = {}
+        for name in names:
+            stats = self.stats(name)
+            if stats is not None:  # dropped meanwhile
+                out[name] = stats
+        return out
+
     # ------------------------------------------------------------------ snapshots
     def snapshot(self, collection: str | None = None) -> None:
         """Write snapshots now: of one loaded collection, or of all loaded ones."""

@@ -14,7 +14,14 @@ Series (prefix `facerec_`):
   `inference_errors_total` (failed inference calls);
 - per endpoint: `http_request_duration_seconds` (histogram; labels `method`, `route` = the
   route template such as `/api/v1/recognition/faces/{image_id}`, `status`);
-- `detector_info` (gauge, label `detector`: yunet | mtcnn, value 1): the face detector serving.
+- errors: `http_errors_total` (labels `route`, `status`, `code` = the CompreFace code of the JSON
+  error body, e.g. 503 with 60 overloaded / 61 deadline passed; the gate and the exception handlers
+  mark the code in the ASGI scope under ERROR_CODE_SCOPE);
+- `detector_info` (gauge, label `detector`: yunet | mtcnn, value 1): the face detector serving;
+- read at scrape time (`watch_admission`, `watch_index`): `inference_requests_running`,
+  `inference_requests_waiting`, `inference_slots` (request-level admission, the inference limiter of
+  server/http/state.py), and per loaded collection (label `collection`, the opaque collection id, never
+  an API key): `index_faces`, `index_memory_bytes`, `index_mode` (label `mode`: flat | graph, value 1).
 """
 from __future__ import annotations
 
@@ -22,6 +29,7 @@ import time
 from typing import Any, Awaitable, Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 # Inference on CPU spans 0.1 ms (R-Net, one crop) to about a second (embedder, big batch).
@@ -29,6 +37,7 @@ _TIME_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.0
 _ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 _REQUEST_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 UNMATCHED_ROUTE = "<unmatched>"  # no route matched: never label with the raw path (unbounded)
+ERROR_CODE_SCOPE = "facerec.error_code"  # the CompreFace code of the error answer, set in the ASGI scope
 
 ASGIApp = Callable[[dict, Callable[[], Awaitable[dict]], Callable[[dict], Awaitable[None]]], Awaitable[None]]
 
@@ -70,11 +79,25 @@ class Metrics:
             "http_request_duration_seconds", "HTTP request latency by route template",
             ["method", "route", "status"], namespace=ns, registry=r, buckets=_REQUEST_BUCKETS,
         )
-
+        self.http_errors = Counter(
+            "http_errors", "Error answers by route template, HTTP status and CompreFace error code",
+            ["route", "status", "code"], namespace=ns, registry=r,
+        )
         self.detector_info = Gauge(
             "detector_info", "The face detector in use (FR_DETECTOR), value 1", ["detector"],
             namespace=ns, registry=r,
         )
+        self._scraped = _ScrapeTime(ns)
+        r.register(self._scraped)
+
+    def watch_admission(self, stats: Callable[[], tuple[int, int, int]]) -> None:
+        """Export (running, waiting, slots) of request-level admission, read at each scrape."""
+        self._scraped.admission = stats
+
+    def watch_index(self, stats: Callable[[], dict[str, dict[str, Any]]]) -> None:
+        """Export each loaded collection's index stats ({collection: {"faces", "mode",
+        "memory_bytes", ...}}, IndexRegistry.loaded_stats), read at each scrape."""
+        self._scraped.index = stats
 
     def set_detector(self, name: str) -> None:
         self.detector_info.labels(name).set(1)
@@ -88,9 +111,43 @@ class Metrics:
     def observe_request(self, method: str, route: str, status: int, seconds: float) -> None:
         self.request_latency.labels(method, route, str(status)).observe(seconds)
 
+    def observe_error(self, route: str, status: int, code: int) -> None:
+        self.http_errors.labels(route, str(status), str(code)).inc()
+
     def render(self) -> tuple[bytes, str]:
         """The text exposition of every series, and its Content-Type."""
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+class _ScrapeTime:
+    """A collector for state that lives elsewhere: asked for its numbers at each scrape."""
+
+    def __init__(self, ns: str) -> None:
+        self.ns = ns
+        self.admission: Callable[[], tuple[int, int, int]] | None = None
+        self.index: Callable[[], dict[str, dict[str, Any]]] | None = None
+
+    def collect(self):
+        ns = self.ns
+        if self.admission is not None:
+            running, waiting, slots = self.admission()
+            yield GaugeMetricFamily(f"{ns}_inference_requests_running",
+                                    "Requests holding an inference slot", value=running)
+            yield GaugeMetricFamily(f"{ns}_inference_requests_waiting",
+                                    "Requests waiting for an inference slot", value=waiting)
+            yield GaugeMetricFamily(f"{ns}_inference_slots",
+                                    "Requests that may run inference at once", value=slots)
+        if self.index is not None:
+            faces = GaugeMetricFamily(f"{ns}_index_faces", "Faces in the collection's index", labels=["collection"])
+            memory = GaugeMetricFamily(f"{ns}_index_memory_bytes", "Estimated memory of the collection's index",
+                                       labels=["collection"])
+            mode = GaugeMetricFamily(f"{ns}_index_mode", "Search mode of the collection's index, value 1",
+                                     labels=["collection", "mode"])
+            for collection, stats in sorted(self.index().items()):
+                faces.add_metric([collection], stats["faces"])
+                memory.add_metric([collection], stats["memory_bytes"])
+                mode.add_metric([collection, str(stats["mode"])], 1)
+            yield from (faces, memory, mode)
 
 
 def route_template(scope: dict[str, Any]) -> str:
@@ -132,6 +189,8 @@ class RequestMetricsMiddleware:
         try:
             await self.app(scope, receive, send_wrapper)
         finally:
-            self.metrics.observe_request(
-                scope["method"], route_template(scope), status, time.perf_counter() - start
-            )
+            route = route_template(scope)
+            self.metrics.observe_request(scope["method"], route, status, time.perf_counter() - start)
+            code = scope.get(ERROR_CODE_SCOPE)
+            if code is not None:
+                self.metrics.observe_error(route, status, code)

@@ -38,6 +38,7 @@ SNAPSHOT_CHECK_S = 5.0
 
 def create_app(settings: Settings) -> Starlette:
     state = AppState(settings=settings, metrics=Metrics())
+    _watch(state)
     routes = recognition.routes + detection.routes + verification.routes + static.routes + system.routes
     routes = routes + extensions.routes  # ours, not CompreFace's: bulk embeddings, verify against a subject
     routes = routes + ui_routes()  # the web console under /ui/ (static files, uses the public API)
@@ -53,6 +54,17 @@ def create_app(settings: Settings) -> Starlette:
     )
     app.state.core = state
     return app
+
+
+def _watch(state: AppState) -> None:
+    """The series read at scrape time: request admission (the inference limiter) and the loaded indexes."""
+
+    def admission() -> tuple[int, int, int]:
+        stats = state.inference_limiter.statistics()
+        return int(stats.borrowed_tokens), stats.tasks_waiting, int(stats.total_tokens)
+
+    state.metrics.watch_admission(admission)
+    state.metrics.watch_index(lambda: state.index.loaded_stats() if state.index is not None else {})
 
 
 async def _http_exception(request: Request, exc: Exception) -> Response:

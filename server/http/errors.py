@@ -29,10 +29,12 @@ from typing import Any, Callable
 
 import orjson
 from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
 
 from server.core import errors as core
 from server.inference.base import BackendError
 from server.inference.scope import Cancelled, DeadlineExceeded, Overloaded
+from server.metrics import ERROR_CODE_SCOPE
 
 # CompreFace's generic message (ResponseExceptionHandler.buildBody()).
 SOMETHING_WENT_WRONG = "Something went wrong, please try again"
@@ -258,9 +260,22 @@ def api_error(exc: Exception) -> ApiError | None:
 
 
 # ---------------------------------------------------------------------------- rendering
+class ErrorResponse(Response):
+    """A CompreFace JSON error that, when sent, leaves its code in the ASGI scope for the metrics
+    middleware (server/metrics.py: facerec_http_errors_total by route, status and code)."""
+
+    def __init__(self, err: ApiError, headers: dict[str, str] | None) -> None:
+        super().__init__(orjson.dumps(err.body()), status_code=err.status, media_type="application/json",
+                         headers=headers)
+        self.code = err.code
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        scope[ERROR_CODE_SCOPE] = self.code
+        await super().__call__(scope, receive, send)
+
+
 def error_response(err: ApiError) -> Response:
     headers = dict(err.headers or {})
     if err.status == 401:
         headers["WWW-Authenticate"] = "Bearer"
-    return Response(orjson.dumps(err.body()), status_code=err.status, media_type="application/json",
-                    headers=headers or None)
+    return ErrorResponse(err, headers or None)

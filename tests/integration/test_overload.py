@@ -18,7 +18,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from loadtests.overload import Reply, closed_loop, describe, detect_request, open_loop, percentile
 from tests.support.local_server import ROOT, LocalServer
@@ -83,6 +85,12 @@ def test_overload_is_refused_fast_and_recovers(server):
     # and it recovers at once: every request served, at about the baseline latency
     assert {r.status for r in after} == {200}, report
     assert percentile([r.latency_s for r in after], .5) < 3 * base_p50 + 0.5, report
+    # /metrics counted every refusal by its CompreFace code (the Grafana dashboard's "503 refusals")
+    refused = sum(r.status == 503 for replies, _, _ in phases for r in replies)
+    text = httpx.get(server.base_url + "/metrics", timeout=30).text
+    counted = sum(s.value for f in text_string_to_metric_families(text) for s in f.samples
+                  if s.name == "facerec_http_errors_total" and (s.labels["status"], s.labels["code"]) == ("503", "60"))
+    assert counted == refused, report
 
 
 # ------------------------------------------------------------------------------- locust smoke run

@@ -2,7 +2,7 @@
 
 No cluster and no Docker engine here, so:
 - the kustomize overlays are rendered by a small Python renderer (resources, components, strategic-
-  merge patches, images, namespace: what deploy/k8s uses), compared with `kubectl kustomize` /
+  merge patches, images, namespace, configMapGenerator from files: what deploy/k8s uses), compared with `kubectl kustomize` /
   `kustomize build` where one is installed, and every rendered manifest is validated offline against
   the Kubernetes OpenAPI schemas bundled with kubernetes-validate (strict: unknown fields fail);
 - cross-references are checked: Services/PDBs/HPAs select what exists, probes name real ports, every
@@ -107,12 +107,13 @@ def set_image(spec: dict, rule: dict) -> None:
 def render(directory: Path) -> list[dict]:
     """`kustomize build` for the features deploy/k8s uses; unknown features fail loudly."""
     kust = yaml.safe_load((directory / "kustomization.yaml").read_text())
-    known = {"apiVersion", "kind", "resources", "components", "patches", "images", "namespace"}
+    known = {"apiVersion", "kind", "resources", "components", "patches", "images", "namespace", "configMapGenerator"}
     assert set(kust) <= known, f"{directory}: the test renderer does not know {set(kust) - known}"
     docs: list[dict] = []
     for entry in kust.get("resources", []):
         path = directory / entry
         docs += render(path) if path.is_dir() else load_docs(path)
+    docs += [generate_config_map(directory, g) for g in kust.get("configMapGenerator", [])]
     for entry in kust.get("components", []):
         component = directory / entry
         assert yaml.safe_load((component / "kustomization.yaml").read_text())["kind"] == "Component"
@@ -134,6 +135,26 @@ def render(directory: Path) -> list[dict]:
             if d["kind"] not in CLUSTER_SCOPED:
                 d["metadata"]["namespace"] = kust["namespace"]
     return docs
+
+
+def generate_config_map(directory: Path, generator: dict) -> dict:
+    """A configMapGenerator entry with `files` (each `path` or `key=path`, inside the kustomization's
+    folder as kustomize's default load restrictor demands) and options without the name hash."""
+    assert set(generator) <= {"name", "files", "options"}, f"{directory}: unsupported generator fields {set(generator)}"
+    options = generator.get("options", {})
+    assert set(options) <= {"disableNameSuffixHash", "labels", "annotations"}, options
+    assert options.get("disableNameSuffixHash") is True, "the renderer does not compute kustomize's name hash"
+    data = {}
+    for entry in generator.get("files", []):
+        name, _, rel = entry.rpartition("=")
+        path = (directory / rel).resolve()
+        assert path.is_relative_to(directory.resolve()), f"{entry}: outside {directory} (kustomize refuses it)"
+        data[name or path.name] = path.read_text()
+    metadata = {"name": generator["name"]}
+    for field in ("labels", "annotations"):
+        if options.get(field):
+            metadata[field] = dict(options[field])
+    return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": metadata, "data": data}
 
 
 def key(doc: dict) -> tuple[str, str, str]:

@@ -186,3 +186,59 @@ def test_observe_request_directly():
     s = _samples(metrics)
     assert _get(s, "facerec_http_request_duration_seconds_bucket", method="GET", route="/x", status="503", le="0.25") == 1
     assert _get(s, "facerec_http_request_duration_seconds_bucket", method="GET", route="/x", status="503", le="0.1") == 0
+
+
+def test_admission_gauges_read_the_apps_inference_limiter(tmp_path):
+    """create_app's state exports the inference limiter's statistics at scrape time."""
+    import anyio
+
+    from server.config import Settings
+    from server.http.app import create_app
+
+    app = create_app(Settings.from_env(data_dir=tmp_path, max_inflight_inference=2))
+    state = app.state.core
+    s = _samples(state.metrics)
+    assert (_get(s, "facerec_inference_requests_running"), _get(s, "facerec_inference_requests_waiting"),
+            _get(s, "facerec_inference_slots")) == (0, 0, 2)
+    assert not any(name.startswith("facerec_index_") and labels for name, labels in s)  # no index opened yet
+
+    async def scenario() -> dict:
+        limiter = state.inference_limiter
+        holders = [object(), object()]
+        for holder in holders:
+            await limiter.acquire_on_behalf_of(holder)
+        async with anyio.create_task_group() as group:
+            group.start_soon(limiter.acquire_on_behalf_of, object())  # waits: both slots are taken
+            while limiter.statistics().tasks_waiting < 1:
+                await anyio.sleep(0.001)
+            busy = _samples(state.metrics)
+            group.cancel_scope.cancel()
+        for holder in holders:
+            limiter.release_on_behalf_of(holder)
+        return busy
+
+    busy = anyio.run(scenario)
+    assert (_get(busy, "facerec_inference_requests_running"), _get(busy, "facerec_inference_requests_waiting")) == (2, 1)
+    assert _get(_samples(state.metrics), "facerec_inference_requests_running") == 0
+
+
+def test_error_codes_by_route():
+    """An answer that leaves a CompreFace code in the scope (server/http/errors.ErrorResponse) is counted."""
+    from server.http import errors
+
+    async def refused(request):
+        return errors.error_response(errors.overloaded(3))
+
+    metrics = Metrics()
+    app = RequestMetricsMiddleware(Starlette(routes=[Route("/work", refused), Route("/ok", _ok)]), metrics)
+    client = TestClient(app)
+    assert client.get("/work").status_code == 503
+    assert client.get("/work").json()["code"] == 60
+    assert client.get("/ok").status_code == 200
+    s = _samples(metrics)
+    assert _get(s, "facerec_http_errors_total", route="/work", status="503", code="60") == 2
+    assert not any(name == "facerec_http_errors_total" and ("route", "/ok") in labels for name, labels in s)
+
+
+async def _ok(request):
+    return PlainTextResponse("ok")

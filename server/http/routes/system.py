@@ -43,7 +43,8 @@ async def ready(request: Request) -> Response:
 
 
 async def metrics(request: Request) -> Response:
-    """Prometheus text exposition (server/metrics.py): inference batching and request latency."""
+    """Prometheus text exposition (server/metrics.py): inference batching, request latency and errors,
+    admission and the loaded indexes (the last two read at scrape time)."""
     body, content_type = app_state(request).metrics.render()
     return Response(body, media_type=content_type)
 
