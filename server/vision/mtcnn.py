@@ -53,6 +53,7 @@ class _Image:
 
 class MtcnnDetector:
     name = "mtcnn"
+    retry_min_face = 0.0  # the padded retry takes any face (CompreFace's facenet-build behaviour, unchanged)
 
     def __init__(
         self,

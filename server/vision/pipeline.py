@@ -72,7 +72,8 @@ class FacePipeline:
         image is 12 px at P-Net's scale, so a face that fills a tight crop (the kind of photo people
         enrol) is cut off on every side, and YuNet learnt faces with surroundings. The padding gives
         such a face room; images with a face found the first
-        time cost nothing more. Boxes may then extend past the image (the API clips them)."""
+        time cost nothing more. Boxes may then extend past the image (the API clips them). The retry
+        keeps only faces the detector's `retry_min_face` (a fraction of the shorter side) allows."""
         det = self.detector.detect(image)
         if _passes(det, det_prob_threshold):
             return det
@@ -80,7 +81,7 @@ class FacePipeline:
         pad = max(1, round(self.pad_retry * max(h, w)))
         if self.pad_retry > 0 and max(h, w) + 2 * pad <= _MAX_PADDED_SIDE:  # only small crops need it
             padded = cv2.copyMakeBorder(image, pad, pad, pad, pad, cv2.BORDER_CONSTANT, value=(0, 0, 0))
-            again = self.detector.detect(padded)
+            again = _at_least(self.detector.detect(padded), self.detector.retry_min_face * min(h, w))
             if _passes(again, det_prob_threshold):
                 return type(det)(again.boxes - np.float32(pad), again.probs, again.landmarks - np.float32(pad))
         if self.fallback is not None:
@@ -193,6 +194,14 @@ def create_detector(settings: Settings, backend: Backend):
     if settings.detector == "mtcnn":
         return cls(backend, min_face_size=settings.min_face_size, max_side=settings.max_detect_side)
     return cls(backend, max_side=settings.max_detect_side, max_upscale=settings.detect_max_upscale)
+
+
+def _at_least(det: Detections, side: float) -> Detections:
+    """The detections whose box is at least `side` px wide (all of them when side <= 0)."""
+    if side <= 0 or len(det.boxes) == 0:
+        return det
+    keep = (det.boxes[:, 2] - det.boxes[:, 0]) >= side
+    return det if keep.all() else type(det)(det.boxes[keep], det.probs[keep], det.landmarks[keep])
 
 
 def _passes(det: Detections, threshold: float) -> bool:

@@ -68,6 +68,11 @@ class Letterbox:
 
 class YunetDetector:
     name = "yunet"
+    # The pipeline's padded retry (FacePipeline.detect) is for a face that fills a tight crop; on the
+    # padded canvas YuNet also scores small textures high (10-11 px "faces" at 0.96-0.97 on a pizza
+    # photo of the dev set), so there only faces at least this fraction of the image's shorter side
+    # count (docs/benchmarks.md, YuNet threshold)
+    retry_min_face = 0.2
 
     def __init__(self, backend: Backend, *, max_side: int = 640, score_floor: float = SCORE_FLOOR,
                  nms_iou: float = NMS_IOU, canvases: Sequence[tuple[int, int]] = CANVASES,

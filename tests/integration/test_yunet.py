@@ -118,7 +118,7 @@ def test_dev_detection_recall_beats_mtcnn(yunet_pipeline, mtcnn_pipeline, faceda
 
 def test_settings_defaults_follow_the_detector():
     assert Settings().detector == "yunet"
-    assert Settings().face_threshold() == 0.95 and Settings(detector="mtcnn").face_threshold() == 0.85
+    assert Settings().face_threshold() == 0.955 and Settings(detector="mtcnn").face_threshold() == 0.85
     assert Settings(det_prob_threshold=0.5).face_threshold() == 0.5
     assert Settings(detector="mtcnn").similarity_coefficients() == (0.415011, 24.676692)
     assert Settings(similarity_c0=1.0, similarity_c1=2.0).similarity_coefficients() == (1.0, 2.0)
