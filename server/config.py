@@ -23,6 +23,7 @@ class Settings:
     # serving
     host: str = "0.0.0.0"
     port: int = 8000
+    # the admin API's token; empty: `serve` uses <data_dir>/admin-token, made on a first run (server/http/admin_token.py)
     admin_token: str = ""
     # inference
     # onnxruntime (in-process) | triton (a tritonserver holding model_repository/) | torch (in-process

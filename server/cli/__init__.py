@@ -20,13 +20,18 @@ def _models_build(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    from server.http.admin_token import AdminTokenError
     from server.http.app import run_server
 
     settings = Settings.from_env(
         host=args.host, port=args.port, data_dir=args.data_dir, model_dir=args.model_dir,
         admin_token=args.admin_token, seed_demo_keys=True if args.seed_demo_keys else None,
     )
-    run_server(settings)
+    try:
+        run_server(settings)
+    except AdminTokenError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -41,7 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, help="port (default 8000, env FR_PORT)")
     serve.add_argument("--data-dir", help="storage and index folder (default ./data, env FR_DATA_DIR)")
     serve.add_argument("--model-dir", help="model repository (default model_repository/, env FR_MODEL_DIR)")
-    serve.add_argument("--admin-token", help="enables the admin API under /api/v1/admin (env FR_ADMIN_TOKEN)")
+    serve.add_argument("--admin-token", help="the admin API's token (env FR_ADMIN_TOKEN); without it, the one in "
+                       "<data-dir>/admin-token, which the first start on an empty data dir creates and whose "
+                       "page URL each start prints")
     serve.add_argument("--seed-demo-keys", action="store_true",
                        help="create CompreFace's demo API keys 00000000-0000-0000-0000-00000000000{2,3,4}")
     serve.set_defaults(func=_serve)

@@ -1,6 +1,7 @@
 """CompreFace's REST API on Starlette: the wire format, and nothing below it.
 
     app.py           create_app / run_server: routes, middleware, exception handlers, the lifespan
+    admin_token.py   the admin token at start: explicit, else the data dir's (made on a first run); the page's URL
     gate.py          the ASGI middleware: trailing slashes, body limits, x-api-key, error logging, last resort
     errors.py        CompreFace's error table (ApiError) and EXCEPTIONS: each lower layer's exception -> its answer
     params.py        Spring-compatible parameter parsing; multipart and JSON bodies; base64; subject-name mapping

@@ -82,7 +82,8 @@ async def _lifespan(app: Starlette) -> AsyncIterator[None]:
     state: AppState = app.state.core
     settings = state.settings
     if not settings.admin_token:
-        log.warning("admin API disabled: no admin token configured (--admin-token or FR_ADMIN_TOKEN); "
+        log.warning("admin API disabled: no admin token configured (--admin-token, FR_ADMIN_TOKEN, or a token in "
+                    "<data_dir>/admin-token, which a first start on an empty data dir makes); "
                     "/api/v1/admin/* answers 404")
     await anyio.to_thread.run_sync(_open_data, state)
     loader = threading.Thread(target=_load_models, args=(state,), name="model-loader", daemon=True)
@@ -181,9 +182,15 @@ def _close(state: AppState) -> None:
 
 
 def run_server(settings: Settings) -> None:
-    """Serve on settings.host:settings.port with uvicorn, one process (the models live in it)."""
+    """Serve on settings.host:settings.port with uvicorn, one process (the models live in it).
+
+    The admin token is resolved first (admin_token.prepare: explicit, else the data dir's, else made
+    on a first run), so the admin routes exist when it comes from the data dir."""
     import uvicorn
 
+    from server.http import admin_token
+
+    settings = admin_token.prepare(settings)
     config = uvicorn.Config(
         create_app(settings), host=settings.host, port=settings.port, workers=1,
         log_level="info", access_log=False, server_header=False, proxy_headers=True,

@@ -166,8 +166,11 @@ OPERATIONS: list[tuple[str, str, str, str, str | None, list, dict | None, dict]]
     ("post", "/api/v1/admin/keys", "admin", "Create an API key", A, [],
      _json_body({"type": "object", "required": ["type"], "properties": {
          "type": {"type": "string", "enum": ["recognition", "detection", "verification"]},
-         "name": {"type": "string"}, "key": {"type": "string", "format": "uuid"}}}),
+         "name": {"type": "string", "maxLength": 200}, "key": {"type": "string", "format": "uuid"}}}),
      _ok(_ref("ApiKey"), "201", "Created")),
+    ("patch", "/api/v1/admin/keys/{key}", "admin", "Rename an API key", A, _path("key"),
+     _json_body({"type": "object", "required": ["name"], "properties": {"name": {"type": "string", "maxLength": 200}}}),
+     _ok(_ref("ApiKey"))),
     ("delete", "/api/v1/admin/keys/{key}", "admin", "Delete an API key and its collection", A, _path("key"), None,
      _ok(_ref("ApiKey"))),
     ("get", "/api/v1/admin/stats", "admin", "Keys and collection sizes", A, [], None, _ok({"type": "object"})),

@@ -30,18 +30,25 @@ from server.storage.base import (
 DB_FILE_NAME = "faces.db"
 
 
+def sqlite_path(settings) -> Path | None:
+    """The SQLite file `settings` store into (<data_dir>/faces.db, or sqlite:///path); None for a server database."""
+    url = (getattr(settings, "database_url", "") or "").strip()
+    if not url:
+        return Path(settings.data_dir) / DB_FILE_NAME
+    if url.startswith("sqlite:///"):
+        return Path(url[len("sqlite:///"):])
+    return None
+
+
 def open_storage(settings) -> Storage:
     """The storage named by `settings.database_url`: empty means SQLite at <data_dir>/faces.db,
     postgresql:// a PostgreSQL database that several server replicas share."""
     url = (getattr(settings, "database_url", "") or "").strip()
-    if not url:
+    sqlite_file = sqlite_path(settings)
+    if sqlite_file is not None:
         from server.storage.sqlite import SqliteStorage
 
-        return SqliteStorage(Path(settings.data_dir) / DB_FILE_NAME)
-    if url.startswith("sqlite:///"):
-        from server.storage.sqlite import SqliteStorage
-
-        return SqliteStorage(Path(url[len("sqlite:///"):]))
+        return SqliteStorage(sqlite_file)
     if url.startswith(("postgresql://", "postgres://", "postgresql+psycopg://")):
         from server.storage.postgres import PostgresStorage  # shared by several replicas
 
@@ -61,5 +68,5 @@ __all__ = [
     "DEMO_KEYS", "EMBEDDING_DIM", "KEY_TYPES", "ApiKey", "Change", "ChangeFeed", "FaceAdded",
     "FaceExists", "FaceNotFound", "FaceRecord", "FacesAdded", "FacesDeleted", "KeyDeleted", "KeyNotFound",
     "NewFace", "Storage", "StorageError", "SubjectDeleted", "SubjectExists", "SubjectNotFound",
-    "SubjectsDeleted", "open_storage", "DB_FILE_NAME",
+    "SubjectsDeleted", "open_storage", "sqlite_path", "DB_FILE_NAME",
 ]

@@ -188,6 +188,9 @@ class Storage(ChangeFeed, Protocol):
     def list_keys(self) -> list[ApiKey]:
         """All keys, oldest first."""
 
+    def rename_key(self, key: str, name: str) -> ApiKey:
+        """Give the key a new name (its label; the key itself, type and collection stay); KeyNotFound if absent."""
+
     def delete_key(self, key: str) -> KeyDeleted:
         """Delete the key and everything in its collection; KeyNotFound if absent."""
 

@@ -38,7 +38,7 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
-from server.storage.base import ApiKey, Change, StorageError
+from server.storage.base import ApiKey, Change, KeyNotFound, StorageError
 from server.storage.sql import SCHEMA_VERSION, SqlStorage, blob_vector, check_name, stack_vectors
 
 try:  # optional dependency: pip install 'facerec-server[postgres]'
@@ -327,6 +327,11 @@ class PostgresStorage(SqlStorage):
         if not isinstance(key, str) or "\x00" in key:
             return None
         return super().find_key(key)
+
+    def rename_key(self, key: str, name: str) -> ApiKey:
+        if not isinstance(key, str) or "\x00" in key:
+            raise KeyNotFound(key)
+        return super().rename_key(key, (name or "").replace("\x00", ""))
 
     # ------------------------------------------------------------------ following other replicas
     def start_follower(

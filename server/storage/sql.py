@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import uuid
 from abc import ABC, abstractmethod
+from dataclasses import replace
 from contextlib import AbstractContextManager
 from datetime import datetime, timezone
 from typing import Any, Iterable, Iterator, Sequence, TypeVar
@@ -274,14 +275,22 @@ class SqlStorage(ABC):
     def list_keys(self) -> list[ApiKey]:
         return [self._key_row(r) for r in self._all(f"SELECT {_KEY_COLUMNS} FROM api_keys ORDER BY {self._KEY_ORDER}")]
 
+    def _locked_key(self, con: Any, key: str) -> ApiKey:
+        """The key's row, locked until the transaction ends; KeyNotFound if absent."""
+        row = self._execute(con, f"SELECT {_KEY_COLUMNS} FROM api_keys WHERE key = ?{self._LOCK_ROWS}", (key,)).fetchone()
+        if row is None:
+            raise KeyNotFound(key)
+        return self._key_row(row)
+
+    def rename_key(self, key: str, name: str) -> ApiKey:
+        with self._write() as con:
+            record = replace(self._locked_key(con, key), name=name or "")
+            self._execute(con, "UPDATE api_keys SET name = ? WHERE key = ?", (record.name, key))
+        return record
+
     def delete_key(self, key: str) -> KeyDeleted:
         with self._write() as con:
-            row = self._execute(
-                con, f"SELECT {_KEY_COLUMNS} FROM api_keys WHERE key = ?{self._LOCK_ROWS}", (key,)
-            ).fetchone()
-            if row is None:
-                raise KeyNotFound(key)
-            record = self._key_row(row)
+            record = self._locked_key(con, key)
             c = record.collection
             self._lock_collection(con, c)  # waits for writers of this collection in flight
             faces = self._execute(con, "SELECT COUNT(*) FROM faces WHERE collection = ?", (c,)).fetchone()[0]

@@ -714,6 +714,15 @@ def test_admin_api(server, http, face_jpg):
     assert any(k["key"] == key for k in http.get("/api/v1/admin/keys", headers=admin).json()["keys"])
     stats = http.get("/api/v1/admin/stats", headers=admin).json()
     assert {"key": key, "name": "temp", "subjects": 1, "faces": 1} in stats["collections"]
+    # rename: the name changes, nothing else; the key keeps working
+    renamed = http.patch(f"/api/v1/admin/keys/{key.upper()}", json={"name": " front door "}, headers=admin)
+    assert renamed.status_code == 200 and renamed.json() == {**created, "name": "front door"}
+    assert {**created, "name": "front door"} in http.get("/api/v1/admin/keys", headers=admin).json()["keys"]
+    assert http.get(R + "/subjects", headers=hdr(key)).json() == {"subjects": ["Temp"]}
+    assert_error(http.patch(f"/api/v1/admin/keys/{key}", json={"name": "x"}), 401, 0)
+    assert_error(http.patch(f"/api/v1/admin/keys/{uuid.uuid4()}", json={"name": "x"}, headers=admin), 404, 10)
+    assert_error(http.patch(f"/api/v1/admin/keys/{key}", json={"type": "x"}, headers=admin), 400, 0)
+    assert_error(http.patch(f"/api/v1/admin/keys/{key}", json={"name": "x" * 201}, headers=admin), 400, 26)
     # a chosen key, bad types
     chosen = str(uuid.uuid4())
     assert http.post("/api/v1/admin/keys", json={"type": "detection", "key": chosen}, headers=admin).json()["key"] == chosen

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 from server.config import Settings
-from server.storage import Storage, StorageError, open_storage
+from server.storage import KeyNotFound, Storage, StorageError, open_storage
 from tests.unit import test_storage as sqlite_contract
 from tests.support.pg_cluster import PgCluster, PgUnavailable, wait_until
 
@@ -210,6 +210,10 @@ def test_text_with_nul_is_refused_not_a_crash(store, col):
     with pytest.raises(StorageError):
         store.add_face(col, "a\x00b", vec(1), b"x")
     assert store.find_subject(col, "a\x00b") is None and store.find_key("a\x00") is None
+    with pytest.raises(KeyNotFound):
+        store.rename_key("a\x00", "x")
+    key = store.create_key("recognition")
+    assert store.rename_key(key.key, "front\x00door").name == "frontdoor" == store.find_key(key.key).name
     assert store.list_subjects(col) == []
 
 

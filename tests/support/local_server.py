@@ -4,6 +4,10 @@
         key = srv.create_key("recognition")          # through the CLI (`python -m server keys create`)
         httpx.get(srv.base_url + "/health")
         srv.rss_bytes(); srv.log_text()              # the child's memory and its log (stderr + stdout)
+        srv.console_urls()                           # the page URLs with the admin token it printed
+
+Without `admin_token` no --admin-token is passed: the server then uses (and on an empty data dir
+creates) <data_dir>/admin-token, and prints the page's URL holding it (server/http/admin_token.py).
 
 A separate process (not a thread of the caller) so that a load generator does not share the
 server's GIL and cores' accounting, the server's memory can be read from /proc, and its log
@@ -12,6 +16,7 @@ output is exactly what an operator would see.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -23,6 +28,8 @@ from typing import Callable, Mapping
 import httpx
 
 ROOT = Path(__file__).resolve().parents[2]
+# the one line server/http/admin_token.py prints: "Admin console (admin token ... <file>): <url>"
+CONSOLE_LINE = re.compile(r"^Admin console \(admin token [^)]*\): (http://\S+/ui/#admin=\S+)$", re.MULTILINE)
 START_TIMEOUT_S = 240.0  # the first start may build the model repository
 
 
@@ -137,6 +144,10 @@ class LocalServer:
         if self._log is not None:
             self._log.flush()
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def console_urls(self) -> list[str]:
+        """Every page URL with the admin token the server printed at its starts (this log), oldest first."""
+        return CONSOLE_LINE.findall(self.log_text())
 
     def log_tail(self, lines: int = 40) -> str:
         return "\n".join(self.log_text().splitlines()[-lines:])

@@ -19,6 +19,7 @@ import pytest
 from server.config import Settings
 from server.storage import (
     DEMO_KEYS,
+    ApiKey,
     FaceExists,
     FaceNotFound,
     KeyNotFound,
@@ -110,6 +111,18 @@ def test_keys_create_find_list_delete(store):
     assert store.find_key(d.key) is None
     with pytest.raises(KeyNotFound):
         store.delete_key(d.key)
+
+
+def test_keys_rename(store):
+    r = store.create_key("recognition", name="front door")
+    other = store.create_key("detection", name="kiosk")
+    renamed = store.rename_key(r.key, "back door")
+    assert renamed == ApiKey(key=r.key, type=r.type, name="back door", created=r.created, collection=r.collection)
+    assert store.find_key(r.key) == renamed and store.find_key(other.key) == other
+    assert store.rename_key(r.key, "").name == "" and store.find_key(r.key).name == ""
+    assert [k.key for k in store.list_keys()] == [r.key, other.key]  # the order stays by creation
+    with pytest.raises(KeyNotFound):
+        store.rename_key(str(uuid.uuid4()), "x")
 
 
 def test_keys_bad_input(store):

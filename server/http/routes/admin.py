@@ -1,11 +1,13 @@
 """Admin HTTP API under /api/v1/admin (ours; CompreFace manages keys in its UI).
 
-Mounted only when `settings.admin_token` is set. Every request must carry the token, as
+Mounted only when `settings.admin_token` is set (explicitly, or by run_server from the data dir:
+server/http/admin_token.py). Every request must carry the token, as
 `Authorization: Bearer <token>` or `x-admin-token: <token>`; it is compared in constant time.
 
     GET    /api/v1/admin/keys            {"keys": [{key, type, name, created}]}
     POST   /api/v1/admin/keys            {"type": "recognition"|"detection"|"verification", "name"?, "key"?}
                                          -> 201 {key, type, name, created}
+    PATCH  /api/v1/admin/keys/{key}      {"name": "..."} -> {key, type, name, created}
     DELETE /api/v1/admin/keys/{key}      -> {key, type, name, created, faces_deleted}
     GET    /api/v1/admin/stats           {"keys": n, "collections": [{key, name, subjects, faces}], "indexes": {key: {...}}}
 
@@ -42,6 +44,16 @@ def _authorize(request: Request) -> AppState:
     return state
 
 
+KEY_NAME_MAX = 200  # a key's name is a label for people
+
+
+def _key_name(name: str) -> str:
+    name = name.strip()
+    if len(name) > KEY_NAME_MAX:
+        raise errors.ApiError(400, 26, f"name must be at most {KEY_NAME_MAX} characters")
+    return name
+
+
 def _key_json(key) -> dict[str, Any]:
     return {"key": key.key, "type": key.type, "name": key.name, "created": key.created}
 
@@ -62,6 +74,7 @@ async def create_key(request: Request) -> Response:
         raise errors.ApiError(400, 26, f"type must be one of {', '.join(KEY_TYPES)}")
     if not isinstance(name, str) or (chosen is not None and not isinstance(chosen, str)):
         raise errors.unreadable_body("'name' and 'key' must be strings")
+    name = _key_name(name)
     if chosen is not None:
         chosen = params.parse_uuid("key", chosen)
     try:
@@ -69,6 +82,22 @@ async def create_key(request: Request) -> Response:
     except StorageError as exc:
         raise errors.ApiError(400, 26, str(exc)) from None
     return JSONResponse(_key_json(key), status_code=201)
+
+
+async def rename_key(request: Request) -> Response:
+    state = _authorize(request)
+    body = await params.read_json(request)
+    name = body.get("name") if isinstance(body, dict) else None
+    if not isinstance(name, str):
+        raise errors.unreadable_body("expected a JSON object like {\"name\": \"front door\"}")
+    name = _key_name(name)
+    key_text = request.path_params["key"]
+    try:
+        key = await blocking(state.storage.rename_key, key_text.lower(), name)
+    except KeyNotFound:
+        raise errors.ApiError(404, 10, f"API Key {key_text} not found") from None
+    state.keys.evict(key.key)
+    return JSONResponse(_key_json(key))
 
 
 async def delete_key(request: Request) -> Response:
@@ -106,6 +135,7 @@ async def stats(request: Request) -> Response:
 routes = [
     Route(PREFIX + "/keys", list_keys, methods=["GET"]),
     Route(PREFIX + "/keys", create_key, methods=["POST"]),
+    Route(PREFIX + "/keys/{key}", rename_key, methods=["PATCH"]),
     Route(PREFIX + "/keys/{key}", delete_key, methods=["DELETE"]),
     Route(PREFIX + "/stats", stats, methods=["GET"]),
 ]

@@ -4,6 +4,10 @@
 
 const API = new URL("../", location.href); // the page is served at <server>/ui/
 const KEY_STORE = "facerec.apiKey";
+// The admin token: from the URL fragment the server prints (#admin=...; a fragment never travels to the
+// server), kept per tab in sessionStorage, sent only as "Authorization: Bearer" to /api/v1/admin/*.
+const ADMIN_STORE = "facerec.adminToken";
+const ADMIN_FRAGMENT = "admin";
 const RECENT_STORE = "facerec.recentKeys";
 const RECENT_MAX = 6;
 const FACES_PAGE = 24; // examples fetched per subject card (and per "Show more")
@@ -80,9 +84,10 @@ function apiUrl(path, params = {}) {
  * One REST call. `form` is a FormData (multipart, part names as the API wants them), `json` a body.
  * Resolves to {data, status, ms}; rejects with ApiError carrying the service's message and code.
  */
-async function call(method, path, { params, json, form, key = state.key, blob = false } = {}) {
+async function call(method, path, { params, json, form, key = state.key, blob = false, admin = false } = {}) {
   const headers = {};
-  if (key) headers["x-api-key"] = key;
+  if (admin) headers["Authorization"] = `Bearer ${adminToken()}`;
+  else if (key) headers["x-api-key"] = key;
   let body;
   if (json !== undefined) {
     headers["Content-Type"] = "application/json";
@@ -246,6 +251,7 @@ function resetForKey(key, type) {
   info.dataset.type = type || "";
   document.body.dataset.keyType = type || "";
   updateModes();
+  markKeyInUse();
 }
 
 async function useKey(key) {
@@ -273,6 +279,163 @@ async function useKey(key) {
     state.subjects = subjects;
     renderSubjects();
   }
+}
+
+// ------------------------------------------------------------------------------------------ API keys (admin)
+function adminToken() {
+  return sessionStorage.getItem(ADMIN_STORE) || "";
+}
+
+/** #admin=<token> in the address: keep the token for this tab and take it out of the address bar. */
+function takeAdminTokenFromUrl() {
+  const fragment = new URLSearchParams(location.hash.slice(1));
+  const token = fragment.get(ADMIN_FRAGMENT);
+  if (token === null) return false;
+  fragment.delete(ADMIN_FRAGMENT);
+  const rest = fragment.toString();
+  history.replaceState(history.state, "", location.pathname + location.search + (rest ? `#${rest}` : ""));
+  if (token.trim()) sessionStorage.setItem(ADMIN_STORE, token.trim());
+  return Boolean(token.trim());
+}
+
+function showAdmin(stateName) {
+  const panel = $("#admin");
+  panel.dataset.state = stateName; // signed-out | off | loading | keys
+  $("#admin-token-form").hidden = stateName !== "signed-out";
+  $("#admin-off").hidden = stateName !== "off";
+  $("#admin-keys").hidden = stateName !== "keys" && stateName !== "loading";
+}
+
+function signOutAdmin(message) {
+  sessionStorage.removeItem(ADMIN_STORE);
+  $("#keys tbody").replaceChildren();
+  showAdmin("signed-out");
+  if (message) notice(message);
+}
+
+/** Lists the keys; a wrong token (401) signs out, an admin API that is off (404) says so. */
+async function loadKeys() {
+  if (!adminToken()) {
+    showAdmin("signed-out");
+    return;
+  }
+  showAdmin("loading");
+  let data;
+  try {
+    ({ data } = await call("GET", "api/v1/admin/keys", { admin: true }));
+  } catch (err) {
+    if (err instanceof ApiError && err.status === 404) {
+      sessionStorage.removeItem(ADMIN_STORE);
+      showAdmin("off");
+    } else {
+      if (err instanceof ApiError && err.status === 401) signOutAdmin();
+      showError(err, "Admin token");
+    }
+    return;
+  }
+  renderKeys(data.keys || []);
+  showAdmin("keys");
+}
+
+function renderKeys(keys) {
+  $("#keys tbody").replaceChildren(...keys.map(keyRow));
+  $("#keys").hidden = !keys.length;
+  $("#keys-empty").hidden = Boolean(keys.length);
+}
+
+function keyRow(k) {
+  const name = el("td", { class: "key-name", text: k.name || "" });
+  const row = el(
+    "tr",
+    { dataset: { key: k.key, type: k.type, name: k.name || "" }, class: k.key === state.key ? "in-use" : "" },
+    name,
+    el("td", {}, el("span", { class: "badge", dataset: { type: k.type }, text: k.type })),
+    el("td", {}, el("code", { class: "key-value", text: k.key })),
+    el("td", { class: "muted", text: (k.created || "").slice(0, 19).replace("T", " ") }),
+    el(
+      "td",
+      { class: "actions" },
+      el("button", { type: "button", class: "use", text: "Use", onclick: () => useListedKey(k.key) }),
+      el("button", { type: "button", class: "secondary rename-key", text: "Rename", onclick: () => startKeyRename(row, k) }),
+      el("button", { type: "button", class: "danger revoke", text: "Revoke", onclick: () => revokeKey(k) }),
+    ),
+  );
+  return row;
+}
+
+async function useListedKey(key) {
+  $("#api-key").value = key;
+  await useKey(key);
+}
+
+function markKeyInUse() {
+  for (const row of $$("#keys tbody tr")) row.classList.toggle("in-use", row.dataset.key === state.key);
+}
+
+async function createKey(type, name) {
+  clearError();
+  let data;
+  try {
+    ({ data } = await call("POST", "api/v1/admin/keys", { admin: true, json: { type, name } }));
+  } catch (err) {
+    showError(err, `Creating a ${type} key`);
+    return;
+  }
+  $("#new-key-name").value = "";
+  await loadKeys();
+  if (!state.key) {
+    await useListedKey(data.key); // nothing in use yet: start working with the new key at once
+    notice(`${type} key created, and in use.`);
+  } else {
+    notice(`${type} key created: press its Use button to work with it.`);
+  }
+}
+
+function startKeyRename(row, k) {
+  const cell = $(".key-name", row);
+  const input = el("input", { value: k.name || "", maxlength: "200", "aria-label": `New name for key ${k.key}` });
+  const form = el(
+    "form",
+    { class: "rename" },
+    input,
+    el("button", { type: "submit", text: "Save" }),
+    el("button", { type: "button", class: "secondary", text: "Cancel", onclick: () => loadKeys() }),
+  );
+  form.addEventListener("submit", async (event) => {
+    event.preventDefault();
+    clearError();
+    try {
+      await call("PATCH", `api/v1/admin/keys/${enc(k.key)}`, { admin: true, json: { name: input.value.trim() } });
+    } catch (err) {
+      showError(err, "Renaming the key");
+      return;
+    }
+    notice("Key renamed.");
+    await loadKeys();
+  });
+  cell.replaceChildren(form);
+  input.select();
+}
+
+async function revokeKey(k) {
+  const what = k.type === "recognition" ? " Its collection (every subject and example) is deleted too." : "";
+  if (!confirm(`Revoke the ${k.type} key ${k.name ? `"${k.name}" ` : ""}(${k.key})? Clients using it stop working.${what}`)) return;
+  clearError();
+  try {
+    await call("DELETE", `api/v1/admin/keys/${enc(k.key)}`, { admin: true });
+  } catch (err) {
+    showError(err, "Revoking the key");
+    return;
+  }
+  localStorage.setItem(RECENT_STORE, JSON.stringify(recentKeys().filter((r) => r.key !== k.key)));
+  renderRecent();
+  if (state.key === k.key) {
+    localStorage.removeItem(KEY_STORE);
+    $("#api-key").value = "";
+    resetForKey("", null);
+  }
+  notice(`Key ${k.name || k.key} revoked.`);
+  await loadKeys();
 }
 
 // ------------------------------------------------------------------------------------------ subjects
@@ -855,15 +1018,43 @@ function wire() {
     event.preventDefault();
     run();
   });
+  $("#admin-token-form").addEventListener("submit", (event) => {
+    event.preventDefault();
+    clearError();
+    const token = $("#admin-token").value.trim();
+    $("#admin-token").value = "";
+    if (!token) return showError(new Error("Paste the admin token first."));
+    sessionStorage.setItem(ADMIN_STORE, token);
+    loadKeys();
+  });
+  $("#admin-signout").addEventListener("click", () => signOutAdmin("This tab has forgotten the admin token."));
+  $("#reload-keys").addEventListener("click", () => {
+    clearError();
+    loadKeys();
+  });
+  $("#new-key-form").addEventListener("submit", (event) => {
+    event.preventDefault();
+    createKey($("#new-key-type").value, $("#new-key-name").value.trim());
+  });
+  // The printed URL pasted into a tab that already shows the page only changes the fragment.
+  window.addEventListener("hashchange", () => {
+    if (takeAdminTokenFromUrl()) {
+      $("#admin").open = true;
+      loadKeys();
+    }
+  });
   // A file dropped outside every zone must not make the browser navigate away from the page.
   window.addEventListener("dragover", (event) => event.preventDefault());
   window.addEventListener("drop", (event) => event.preventDefault());
 }
 
 async function start() {
+  const fromUrl = takeAdminTokenFromUrl(); // first, so the token leaves the address bar at once
   wire();
   renderRecent();
   updateModes();
+  if (fromUrl || adminToken()) $("#admin").open = true;
+  const keys = loadKeys();
   call("GET", "api/v1/config", { key: "" }).then(
     ({ data }) => (state.maxFileSize = data.clientMaxFileSize ?? null),
     () => {},
@@ -873,6 +1064,8 @@ async function start() {
     $("#api-key").value = saved;
     await useKey(saved);
   }
+  await keys;
+  markKeyInUse();
   document.body.dataset.ready = "true";
 }
 
