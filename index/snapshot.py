@@ -88,8 +88,10 @@ def _write_snapshot(path: Path, base: _Flat | _Graph, dim: int, sequence: int) -
             out.flush()
             os.fsync(out.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException:  # e.g. ENOSPC: the old manifest and its graph stay as they were
         _unlink_quietly(tmp)
+        if graph_name:  # the new graph no manifest names: give its space back at once
+            _unlink_quietly(directory / graph_name)
         raise
     _fsync_dir(directory)
     for stale in snapshot_files(path):  # graphs of earlier snapshots (or of crashed saves)

@@ -71,6 +71,12 @@ class Settings:
     database_pool_size: int = 10
     database_connect_timeout_s: float = 60.0
     database_changes_retention_s: float = 600.0
+    # PostgreSQL only: how long a request waits for a pooled connection before it is answered 503 with
+    # Retry-After (the database down or restarting: requests fail fast instead of hanging)
+    database_wait_s: float = 2.0
+    # SQLite only: bytes kept in <data_dir>/faces.db.reserve, given back to the file system when the disk
+    # is full so that deletes (which need room for SQLite's WAL) can still free space; 0: no reserve
+    storage_reserve_bytes: int = 4 * 1024 * 1024
     max_file_size: int = 5 * 1024 * 1024
     max_body_size: int = 10 * 1024 * 1024
     # a request body must keep arriving: at most this long between two of its chunks (0: no limit),

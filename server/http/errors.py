@@ -21,7 +21,10 @@ Other choices where CompreFace has no JSON answer:
   - unsupported Content-Type on an image endpoint -> 415, code 0 (Spring: 415, empty body);
   - inference queue full -> 503, code 60 with Retry-After; request deadline passed -> 503, code 61;
     client gone -> 499, code 62 (server/inference/scope.py's Overloaded, DeadlineExceeded, Cancelled;
-    CompreFace has no equivalent).
+    CompreFace has no equivalent);
+  - the disk is full -> 507 Insufficient Storage, code 63 (server/storage's StorageFull); the database
+    cannot be reached -> 503, code 64 with Retry-After (StorageUnavailable). CompreFace answers both
+    with a bare 500.
 """
 from __future__ import annotations
 
@@ -35,6 +38,7 @@ from server.core import errors as core
 from server.inference.base import BackendError
 from server.inference.scope import Cancelled, DeadlineExceeded, Overloaded
 from server.metrics import ERROR_CODE_SCOPE
+from server.storage.base import StorageFull, StorageUnavailable
 
 # CompreFace's generic message (ResponseExceptionHandler.buildBody()).
 SOMETHING_WENT_WRONG = "Something went wrong, please try again"
@@ -223,6 +227,17 @@ def inference_timeout() -> ApiError:
     return ApiError(503, 61, "Request timed out waiting for inference")
 
 
+def storage_full() -> ApiError:
+    """A write the disk has no room for: nothing was stored. Deletes keep working (sqlite.py's reserve)."""
+    return ApiError(507, 63, "Storage is full: nothing was stored; delete examples or subjects, or free disk space")
+
+
+def database_unavailable(retry_after_s: int) -> ApiError:
+    """The database is down, restarting or cut off: nothing was acknowledged; retry shortly."""
+    return ApiError(503, 64, f"Database is not available, please retry after {retry_after_s} s",
+                    headers={"Retry-After": str(retry_after_s)})
+
+
 def cancelled() -> ApiError:
     """The client went away (499: nginx's "client closed request"); answered all the same, for the
     access log and the metrics."""
@@ -245,6 +260,8 @@ EXCEPTIONS: dict[type[Exception], Callable[[Any], ApiError]] = {
     DeadlineExceeded: lambda exc: inference_timeout(),
     Cancelled: lambda exc: cancelled(),
     BackendError: lambda exc: faces_service(str(exc) or type(exc).__name__),  # inference failed
+    StorageFull: lambda exc: storage_full(),
+    StorageUnavailable: lambda exc: database_unavailable(exc.retry_after_s),
 }
 
 

@@ -73,9 +73,9 @@ _UNSUPPORTED = {"415": {"description": "Neither multipart/form-data nor JSON (co
                         "content": {"application/json": {"schema": _ref("Error")}}}}
 _UNAUTHORIZED = {"401": {"description": "Missing or wrong admin token (code 0)",
                          "content": {"application/json": {"schema": _ref("Error")}}}}
-_UNAVAILABLE = {"503": {"description": "Not ready yet (code 0), inference overloaded (code 60, with Retry-After) "
-                                       "or timed out (code 61)",
-                        "headers": {"Retry-After": {"description": "Seconds to wait (code 60)",
+_UNAVAILABLE = {"503": {"description": "Not ready yet (code 0), inference overloaded (code 60, with Retry-After), "
+                                       "timed out (code 61) or the database unreachable (code 64, with Retry-After)",
+                        "headers": {"Retry-After": {"description": "Seconds to wait (codes 60 and 64)",
                                                     "schema": {"type": "integer"}}},
                         "content": {"application/json": {"schema": _ref("Error")}}}}
 

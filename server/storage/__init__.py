@@ -21,6 +21,8 @@ from server.storage.base import (
     NewFace,
     Storage,
     StorageError,
+    StorageFull,
+    StorageUnavailable,
     SubjectDeleted,
     SubjectExists,
     SubjectNotFound,
@@ -48,7 +50,7 @@ def open_storage(settings) -> Storage:
     if sqlite_file is not None:
         from server.storage.sqlite import SqliteStorage
 
-        return SqliteStorage(sqlite_file)
+        return SqliteStorage(sqlite_file, reserve_bytes=getattr(settings, "storage_reserve_bytes", 0))
     if url.startswith(("postgresql://", "postgres://", "postgresql+psycopg://")):
         from server.storage.postgres import PostgresStorage  # shared by several replicas
 
@@ -56,6 +58,7 @@ def open_storage(settings) -> Storage:
             url, pool_size=getattr(settings, "database_pool_size", 10),
             connect_timeout_s=getattr(settings, "database_connect_timeout_s", 60.0),
             changes_retention_s=getattr(settings, "database_changes_retention_s", 600.0),
+            wait_s=getattr(settings, "database_wait_s", 2.0),
         )
     scheme = url.split(":", 1)[0]
     raise StorageError(
@@ -68,5 +71,5 @@ __all__ = [
     "DEMO_KEYS", "EMBEDDING_DIM", "KEY_TYPES", "ApiKey", "Change", "ChangeFeed", "FaceAdded",
     "FaceExists", "FaceNotFound", "FaceRecord", "FacesAdded", "FacesDeleted", "KeyDeleted", "KeyNotFound",
     "NewFace", "Storage", "StorageError", "SubjectDeleted", "SubjectExists", "SubjectNotFound",
-    "SubjectsDeleted", "open_storage", "sqlite_path", "DB_FILE_NAME",
+    "SubjectsDeleted", "StorageFull", "StorageUnavailable", "open_storage", "sqlite_path", "DB_FILE_NAME",
 ]

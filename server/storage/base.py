@@ -61,6 +61,20 @@ class FaceExists(StorageError):
     """`add_face` with a caller-chosen image_id that the collection already holds."""
 
 
+class StorageFull(StorageError):
+    """A write failed because the disk (or the database's file system) is full. Nothing was written;
+    reads keep working, deletes are kept possible by SQLite's space reserve (sqlite.py)."""
+
+
+class StorageUnavailable(StorageError):
+    """The database cannot be reached now (down, restarting, connections cut): the call did nothing
+    durable that it reported, and may be retried shortly. `retry_after_s`: a hint for clients."""
+
+    def __init__(self, message: str, retry_after_s: int = 2) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
 # ----------------------------------------------------------------------------- records
 class Change(NamedTuple):
     """One index operation; a plain tuple (seq, op, label, vector) for the index package.
@@ -307,5 +321,8 @@ class Storage(ChangeFeed, Protocol):
         """Stop what start_follower started (nothing if it did not run)."""
 
     # ---- lifecycle
+    def ping(self) -> bool:
+        """Whether the database answers now (readiness); quick and never raises."""
+
     def close(self) -> None:
         """Close all connections. Further calls raise StorageError."""

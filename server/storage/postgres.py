@@ -38,7 +38,7 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
-from server.storage.base import ApiKey, Change, KeyNotFound, StorageError
+from server.storage.base import ApiKey, Change, KeyNotFound, StorageError, StorageFull, StorageUnavailable
 from server.storage.sql import SCHEMA_VERSION, SqlStorage, blob_vector, check_name, stack_vectors
 
 try:  # optional dependency: pip install 'facerec-server[postgres]'
@@ -147,6 +147,7 @@ class PostgresStorage(SqlStorage):
         changes_retention_s: float = 600.0,
         poll_interval_s: float = 1.0,
         channel: str = DEFAULT_CHANNEL,
+        wait_s: float = 2.0,
     ) -> None:
         if psycopg is None:
             raise StorageError(
@@ -164,9 +165,15 @@ class PostgresStorage(SqlStorage):
         self._follower: _Follower | None = None
         self._lock = threading.Lock()
         self._init_schema(connect_timeout_s)
+        self.wait_s = max(0.1, float(wait_s))
+        # timeout: a request waits at most wait_s for a connection (database down: 503 fast, not a hang);
+        # reconnect_timeout short: a failed reconnection (database away) gives up after a few seconds
+        # instead of backing off for minutes, and the next request grows the pool again at once
         self._pool = ConnectionPool(
             self.url, min_size=1, max_size=max(1, int(pool_size)), open=False, name="facerec",
-            kwargs={"autocommit": True, "application_name": "facerec-server", "connect_timeout": 10},
+            timeout=self.wait_s, reconnect_timeout=max(2.0, 2 * self.wait_s),
+            kwargs={"autocommit": True, "application_name": "facerec-server",
+                    "connect_timeout": max(2, int(round(self.wait_s)))},
             configure=self._configure, check=ConnectionPool.check_connection,
         )
         try:
@@ -229,9 +236,22 @@ class PostgresStorage(SqlStorage):
             with self._pool.connection() as conn:
                 yield conn
         except PoolTimeout as exc:
-            raise StorageError(f"no database connection available: {exc}") from exc
-        except psycopg.OperationalError as exc:
-            raise StorageError(f"database error: {exc}") from exc
+            raise StorageUnavailable(f"Database is not available: no connection within {self.wait_s:g} s") from exc
+        except pg_errors.DiskFull as exc:
+            raise StorageFull(f"Storage is full: {exc}") from exc
+        except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
+            raise StorageUnavailable(f"Database is not available: {exc}") from exc
+
+    def ping(self) -> bool:
+        """A `SELECT 1` through the pool, waiting at most wait_s for a connection."""
+        if self._closed:
+            return False
+        try:
+            with self._pool.connection(timeout=self.wait_s) as conn:
+                conn.execute("SELECT 1")
+            return True
+        except Exception:  # noqa: BLE001 - not ready, whatever the reason
+            return False
 
     @contextmanager
     def _write(self) -> Iterator["psycopg.Connection"]:
@@ -373,7 +393,7 @@ class PostgresStorage(SqlStorage):
         try:
             return self._connect_once(10)
         except psycopg.OperationalError as exc:
-            raise StorageError(f"database error: {exc}") from exc
+            raise StorageUnavailable(f"Database is not available: {exc}") from exc
 
     def _snapshot_chunks(self, conn, collection: str, chunk: int) -> "_SnapshotChunks":
         return _SnapshotChunks(conn, collection, chunk)
@@ -515,7 +535,7 @@ class _Follower:
                 self.reconnects += 1
                 log.warning("change follower: %s; reconnecting in %.1f s", exc, backoff)
                 self._stop.wait(backoff)
-                backoff = min(backoff * 2, 10.0)
+                backoff = min(backoff * 2, 2.0)  # back soon after the database is: replicas catch up fast
 
     def _poll_loop(self) -> None:
         while not self._stop.is_set():

@@ -8,9 +8,24 @@ Concurrency: one connection per thread (threading.local), so WAL readers never b
 each other or the writer. Writes are serialised by a process-wide lock (cheap, avoids
 SQLITE_BUSY churn between our own threads) and, across processes (the `keys` CLI while
 the server runs), by SQLite's write lock plus busy_timeout.
+
+A full disk. SQLite needs room for its WAL to write anything, deletes included, so a server whose
+disk filled up could not even free space through the API. The storage therefore keeps a reserve
+file next to the database (`<db>.reserve`, `reserve_bytes`, preallocated at start): a write that
+fails for lack of space (SQLITE_FULL / ENOSPC) is rolled back and answered `StorageFull`, and the
+reserve is given back to the file system. While it is missing, writes that add data are refused at
+once (`StorageFull`, the database untouched) and writes that free data (deletes, pruning) run in the
+room it left; a delete that met a full disk with the reserve still in place releases it and runs
+once more. After each freeing write the file is shrunk (new databases use auto_vacuum=INCREMENTAL)
+and the WAL truncated; the reserve is re-created as soon as twice its size is free again (examples
+deleted, the file system grown), and writes resume without a restart.
 """
 from __future__ import annotations
 
+import errno
+import functools
+import logging
+import os
 import sqlite3
 import threading
 import weakref
@@ -20,11 +35,17 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
-from server.storage.base import Change, StorageError
+from server.storage.base import Change, StorageError, StorageFull
 from server.storage.sql import SCHEMA_VERSION, SqlStorage, blob_vector, stack_vectors
 
 _BUSY_TIMEOUT_MS = 30_000
 _SQL_VARS = 500  # max bound parameters per IN (...) list, well under SQLite's limit
+_SQLITE_FULL = 13  # primary result code "database or disk is full"
+_RESERVE_CHUNK = 1 << 20
+_WAL_CHECKPOINT_PAGES = 256
+_WAL_SIZE_LIMIT = 2 << 20
+
+log = logging.getLogger(__name__)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (
@@ -96,6 +117,97 @@ def _chunks(items: Sequence, size: int = _SQL_VARS) -> Iterator[Sequence]:
         yield items[start:start + size]
 
 
+def is_disk_full(exc: BaseException) -> bool:
+    """Whether `exc` says the disk is full (SQLITE_FULL, or ENOSPC from the file system)."""
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    if isinstance(exc, sqlite3.Error):
+        code = getattr(exc, "sqlite_errorcode", None)
+        return (code is not None and code & 0xFF == _SQLITE_FULL) or "disk is full" in str(exc)
+    return False
+
+
+class SpaceReserve:
+    """A preallocated file of `size` bytes that can be given back to the file system when it is full,
+    and re-created once twice its size is free again. size 0: no reserve (always "present")."""
+
+    def __init__(self, path: Path, size: int) -> None:
+        self.path = Path(path)
+        self.size = max(0, int(size))
+        self.releases = 0  # how often the reserve was given back (tests, logs)
+        try:
+            self.present = self.size == 0 or self.path.stat().st_size >= self.size
+        except OSError:
+            self.present = False
+
+    def free_bytes(self) -> int:
+        st = os.statvfs(self.path.parent)
+        return st.f_bavail * st.f_frsize
+
+    def ensure(self) -> bool:
+        """Present, or re-created now if there is room for it and as much again; False otherwise."""
+        if self.present:
+            return True
+        try:
+            if self.free_bytes() < 2 * self.size:
+                return False
+            with open(self.path, "wb") as f:  # written, not a sparse hole: the blocks must be ours
+                block = b"\0" * _RESERVE_CHUNK
+                left = self.size
+                while left > 0:
+                    left -= f.write(block[:min(left, _RESERVE_CHUNK)])
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as exc:
+            log.warning("cannot create the space reserve %s: %s", self.path, exc)
+            self._unlink()
+            return False
+        self.present = True
+        log.info("space reserve %s in place (%d bytes)", self.path, self.size)
+        return True
+
+    def release(self) -> bool:
+        """Give the reserve back to the file system; False when there was none to give."""
+        if self.present and self.size:
+            self._unlink()
+            self.present = False
+            self.releases += 1
+            log.warning("disk full: released the space reserve %s (%d bytes) so that deletes can run; writes "
+                        "that add data are refused until space is free again", self.path, self.size)
+            return True
+        return False
+
+    def _unlink(self) -> None:
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+
+
+def _frees_space(method):
+    """A write that frees space: it may use the reserve (released and the write retried once when the
+    disk is full); afterwards the file shrinks and the reserve comes back if there is room."""
+
+    @functools.wraps(method)
+    def wrapper(self: "SqliteStorage", *args, **kwargs):
+        self._local.freeing = True
+        try:
+            try:
+                return method(self, *args, **kwargs)
+            except StorageFull:
+                with self._write_lock:
+                    released = self._reserve.release()
+                if not released:
+                    raise
+                return method(self, *args, **kwargs)
+        finally:
+            self._local.freeing = False
+            if not self._reserve.present:
+                self._reclaim()
+
+    return wrapper
+
+
 class _ThreadConnection:
     """Owns one thread's connection: when the thread ends, threading.local drops this holder
     and the connection closes with it (worker pools come and go; no connection leaks)."""
@@ -121,15 +233,17 @@ class SqliteStorage(SqlStorage):
     The storage logic is `SqlStorage`'s (sql.py); this class is the SQLite dialect: per-thread
     connections, BEGIN IMMEDIATE under a process-wide lock, `?` placeholders and chunked IN lists."""
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, *, reserve_bytes: int = 0) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._reserve = SpaceReserve(self.path.with_name(self.path.name + ".reserve"), reserve_bytes)
         self._local = threading.local()
         self._holders: "weakref.WeakSet[_ThreadConnection]" = weakref.WeakSet()
         self._conn_lock = threading.Lock()
         self._write_lock = threading.Lock()
         self._closed = False
         self._init_schema()
+        self._reserve.ensure()
 
     # ------------------------------------------------------------------ connections
     def _connect(self) -> sqlite3.Connection:
@@ -139,11 +253,18 @@ class SqliteStorage(SqlStorage):
             str(self.path), isolation_level=None, check_same_thread=False, timeout=_BUSY_TIMEOUT_MS / 1000
         )
         con.execute(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}")
+        # before anything creates the file's first page: a new file can give freed pages back to the file
+        # system (_reclaim); files created before this stay as they are (no-op)
+        con.execute("PRAGMA auto_vacuum = INCREMENTAL")
         mode = con.execute("PRAGMA journal_mode = WAL").fetchone()[0]
         if str(mode).lower() != "wal":
             con.close()
             raise StorageError(f"could not put {self.path} in WAL mode (got {mode!r})")
         con.execute("PRAGMA synchronous = FULL")  # fsync the WAL on every commit
+        # checkpoint every ~1 MB (not SQLite's 4 MB): on a full disk the WAL's not yet checkpointed growth
+        # of the database is what a checkpoint needs room for, and the reserve must cover it
+        con.execute(f"PRAGMA wal_autocheckpoint = {_WAL_CHECKPOINT_PAGES}")
+        con.execute(f"PRAGMA journal_size_limit = {_WAL_SIZE_LIMIT}")  # a truncated WAL gives its space back
         con.execute("PRAGMA foreign_keys = OFF")  # deletes are explicit, in dependency order
         return con
 
@@ -167,20 +288,54 @@ class SqliteStorage(SqlStorage):
 
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
-        """One durable write transaction; rolled back on any exception."""
+        """One durable write transaction; rolled back on any exception. A full disk: StorageFull (and
+        the reserve released); a write that adds data while the reserve is missing: StorageFull at once."""
         con = self._con()
+        freeing = getattr(self._local, "freeing", False)
         with self._write_lock:
+            if not freeing and not self._reserve.ensure():
+                raise StorageFull("Storage is full: free space by deleting examples or subjects, or grow the disk")
             try:
                 con.execute("BEGIN IMMEDIATE")
             except sqlite3.Error as exc:
+                if is_disk_full(exc):
+                    self._full(exc, freeing)
                 raise StorageError(f"cannot start a write transaction: {exc}") from exc
             try:
                 yield con
                 con.execute("COMMIT")
-            except BaseException:
+            except BaseException as exc:
                 if con.in_transaction:
-                    con.execute("ROLLBACK")
+                    try:
+                        con.execute("ROLLBACK")
+                    except sqlite3.Error:  # SQLite rolled back by itself
+                        pass
+                if is_disk_full(exc):
+                    self._full(exc, freeing)
                 raise
+
+    def _full(self, exc: BaseException, freeing: bool) -> None:
+        """Raise StorageFull for `exc`; a write that adds data gives the reserve back first (a freeing
+        one is retried by _frees_space after releasing it)."""
+        if not freeing:
+            self._reserve.release()
+        raise StorageFull(f"Storage is full: {exc}") from exc
+
+    def _reclaim(self) -> None:
+        """After a freeing write while the reserve is missing: shrink the file, truncate the WAL and
+        put the reserve back if there is room (best effort)."""
+        try:
+            con = self._con()
+            with self._write_lock:
+                con.executescript("PRAGMA incremental_vacuum;")  # (execute() would free one page per call)
+                con.execute("PRAGMA busy_timeout = 200")  # a reader in the way: truncate another time
+                try:
+                    con.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+                finally:
+                    con.execute(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}")
+                self._reserve.ensure()
+        except (sqlite3.Error, OSError, StorageError) as exc:
+            log.info("reclaiming space after a delete: %s", exc)
 
     @contextmanager
     def _read(self) -> Iterator[sqlite3.Connection]:
@@ -194,6 +349,13 @@ class SqliteStorage(SqlStorage):
                 con.execute("COMMIT")
 
     def _init_schema(self) -> None:
+        self._local.freeing = True  # creates nothing on an existing file: must run on a full disk too
+        try:
+            self._init_tables()
+        finally:
+            self._local.freeing = False
+
+    def _init_tables(self) -> None:
         with self._write() as con:
             for statement in _SCHEMA.split(";"):
                 if statement.strip():
@@ -205,6 +367,9 @@ class SqliteStorage(SqlStorage):
                 raise StorageError(f"{self.path} has schema version {row[0]}, newer than this server's")
             elif int(row[0]) < SCHEMA_VERSION:  # older files only lack tables created above
                 con.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(SCHEMA_VERSION),))
+
+    def ping(self) -> bool:
+        return not self._closed
 
     def close(self) -> None:
         with self._conn_lock:
@@ -288,6 +453,15 @@ class SqliteStorage(SqlStorage):
                 yield Change(seq, op, label, blob_vector(blob))
             last = rows[-1][0]
 
+    # ------------------------------------------------------------------ writes that free space
+    delete_key = _frees_space(SqlStorage.delete_key)
+    delete_subject = _frees_space(SqlStorage.delete_subject)
+    delete_all_subjects = _frees_space(SqlStorage.delete_all_subjects)
+    delete_faces = _frees_space(SqlStorage.delete_faces)
+    delete_subject_faces = _frees_space(SqlStorage.delete_subject_faces)
+    rename_subject = _frees_space(SqlStorage.rename_subject)  # a merge only moves rows
+
+    @_frees_space
     def prune_changes(self, collection: str, up_to: int) -> int:
         with self._write() as con:
             dropped = con.execute(

@@ -97,16 +97,31 @@ class PgCluster:
         last = ""
         for _ in range(5):  # the port may be taken between choosing and binding it
             self.port = _free_port()
-            options = (f"-c listen_addresses=127.0.0.1 -p {self.port} -c unix_socket_directories={self._dir} "
-                       "-c fsync=off -c full_page_writes=off -c max_connections=200")
             try:
-                self._run("pg_ctl", "-D", str(self._dir / "data"), "-l", str(self._dir / "server.log"),
-                          "-o", options, "-w", "-t", str(START_TIMEOUT_S), "start")
+                self._pg_ctl_start()
                 return
             except PgUnavailable as exc:
                 last = str(exc)
         log = (self._dir / "server.log").read_text(errors="replace")[-2000:] if (self._dir / "server.log").exists() else ""
         raise PgUnavailable(f"PostgreSQL did not start: {last}\n{log}")
+
+    def _pg_ctl_start(self) -> None:
+        assert self._dir is not None
+        options = (f"-c listen_addresses=127.0.0.1 -p {self.port} -c unix_socket_directories={self._dir} "
+                   "-c fsync=off -c full_page_writes=off -c max_connections=200")
+        self._run("pg_ctl", "-D", str(self._dir / "data"), "-l", str(self._dir / "server.log"),
+                  "-o", options, "-w", "-t", str(START_TIMEOUT_S), "start")
+
+    # ------------------------------------------------------------------ faults (outage tests)
+    def stop_server(self, mode: str = "fast") -> None:
+        """Stop the server (`pg_ctl stop -m fast`: clients' sessions are terminated) and wait for it."""
+        if self._external:
+            raise PgUnavailable("cannot stop an external server (FR_TEST_DATABASE_URL)")
+        self._run("pg_ctl", "-D", str(self._dir / "data"), "-m", mode, "-w", "stop")
+
+    def start_server(self) -> None:
+        """Start it again after stop_server, on the same port (clients reconnect to the same URL)."""
+        self._pg_ctl_start()
 
     def __exit__(self, *exc) -> None:
         if self._dir is None:

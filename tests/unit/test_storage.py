@@ -25,6 +25,7 @@ from server.storage import (
     KeyNotFound,
     Storage,
     StorageError,
+    StorageFull,
     SubjectExists,
     SubjectNotFound,
     open_storage,
@@ -92,6 +93,43 @@ def test_closed_storage_raises(tmp_path):
     with pytest.raises(StorageError):
         s.list_keys()
     s.close()  # idempotent
+
+
+def test_reserve_is_preallocated_and_new_files_can_shrink(tmp_path):
+    with SqliteStorage(tmp_path / "faces.db", reserve_bytes=1 << 20) as s:
+        assert (tmp_path / "faces.db.reserve").stat().st_size == 1 << 20
+        assert s._con().execute("PRAGMA auto_vacuum").fetchone()[0] == 2  # INCREMENTAL
+        assert s.ping()
+    assert not s.ping()
+
+
+def test_without_room_for_the_reserve_only_freeing_writes_run(tmp_path):
+    """The state after a full disk released the reserve (tests/integration/test_disk_full.py makes a
+    real full disk): a reserve that cannot be re-created (here: larger than half the free space)."""
+    with SqliteStorage(tmp_path / "faces.db") as s:
+        c = s.create_key("recognition").collection
+        ids = [s.add_face(c, "bob", vec(i), b"img").face.image_id for i in range(3)]
+    st = os.statvfs(tmp_path)
+    with SqliteStorage(tmp_path / "faces.db", reserve_bytes=st.f_bavail * st.f_frsize) as s:
+        assert not (tmp_path / "faces.db.reserve").exists()
+        with pytest.raises(StorageFull, match="Storage is full"):
+            s.add_face(c, "bob", vec(9), b"img")
+        with pytest.raises(StorageFull):
+            s.add_subject(c, "alice")
+        assert s.count_faces(c) == 3  # reads work, nothing was written
+        assert [f.image_id for f in s.delete_faces(c, ids[:1]).faces] == ids[:1]  # deletes run
+        assert s.rename_subject(c, "bob", "Bobby")
+        assert s.delete_subject(c, "Bobby").faces_deleted == 2
+
+
+def test_storage_errors_answer_like_compreface(tmp_path):
+    from server.http import errors
+    from server.storage import StorageUnavailable
+
+    full = errors.api_error(StorageFull("disk"))
+    assert (full.status, full.code) == (507, 63) and full.message.startswith("Storage is full")
+    down = errors.api_error(StorageUnavailable("down", retry_after_s=3))
+    assert (down.status, down.code, down.headers) == (503, 64, {"Retry-After": "3"})
 
 
 # ----------------------------------------------------------------------------- keys

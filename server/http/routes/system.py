@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import html
 
+from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, Response
 from starlette.routing import Route
@@ -30,16 +31,20 @@ async def health(request: Request) -> Response:
 
 
 async def ready(request: Request) -> Response:
-    """Readiness: models loaded and storage open; 503 until then (or after a failed start)."""
+    """Readiness: models loaded and storage open and answering; 503 until then (or after a failed
+    start), and while the database cannot be reached (PostgreSQL down: the replica takes no traffic)."""
     state = app_state(request)
-    body = {"status": "OK" if state.ready else "NOT_READY", "models": state.pipeline is not None,
-            "storage": state.storage is not None}
+    storage_ok = state.storage is not None and (not state.ready or await run_in_threadpool(state.storage.ping))
+    ready = state.ready and storage_ok
+    body = {"status": "OK" if ready else "NOT_READY", "models": state.pipeline is not None, "storage": storage_ok}
     if not state.ready:
         body["reason"] = state.not_ready_reason
+    elif not ready:
+        body["reason"] = "database not reachable"
     elif state.plugins is not None:
         body["detector"] = state.settings.detector
         body["plugins"] = state.plugins.status()
-    return JSONResponse(body, status_code=200 if state.ready else 503)
+    return JSONResponse(body, status_code=200 if ready else 503)
 
 
 async def metrics(request: Request) -> Response:
