@@ -82,6 +82,18 @@ class Settings:
     # a request body must keep arriving: at most this long between two of its chunks (0: no limit),
     # else 408; a stalled client no longer holds a connection and a half-read body for ever
     body_read_timeout_s: float = 30.0
+    # and all of it within this long (0: no limit), else 408: a body trickled a byte at a time (each
+    # within body_read_timeout_s) is cut too. 10 MB in 120 s is ~85 KB/s, slower than any real uplink
+    body_total_timeout_s: float = 120.0
+    # connections (server/http/connections.py): a request's line and headers must be complete within
+    # header_read_timeout_s of the connection opening (or of the next request's first byte), else 408 and
+    # close, so idle and slow-header sockets are freed; at most max_header_bytes of them (431); idle
+    # keep-alive connections close after keep_alive_timeout_s. With max_connections open, a new one
+    # closes the connection waiting longest for its request, or is answered 503 (code 60) when all are busy
+    header_read_timeout_s: float = 10.0
+    max_header_bytes: int = 64 * 1024
+    keep_alive_timeout_s: float = 30.0
+    max_connections: int = 1000
     # pixels of images held decoded at once, over all requests (~3 bytes each plus working copies;
     # server/vision/decode.py, PixelBudget); one image may have up to 100 MP. 0: no limit
     decode_pixel_budget: int = 200_000_000

@@ -187,13 +187,19 @@ def run_server(settings: Settings) -> None:
     The admin token is resolved first (admin_token.prepare: explicit, else the data dir's, else made
     on a first run), so the admin routes exist when it comes from the data dir."""
     import uvicorn
+    from uvicorn.protocols.http.auto import AutoHTTPProtocol
 
     from server.http import admin_token
+    from server.http.connections import guarded_protocol
 
     settings = admin_token.prepare(settings)
+    # slow, idle and surplus connections are cut by server/http/connections.py; slow bodies by the gate
+    protocol = guarded_protocol(AutoHTTPProtocol, header_timeout_s=settings.header_read_timeout_s,
+                                max_header_bytes=settings.max_header_bytes, max_connections=settings.max_connections)
     config = uvicorn.Config(
-        create_app(settings), host=settings.host, port=settings.port, workers=1,
+        create_app(settings), host=settings.host, port=settings.port, workers=1, http=protocol,
         log_level="info", access_log=False, server_header=False, proxy_headers=True,
-        timeout_keep_alive=30,
+        timeout_keep_alive=max(1, round(settings.keep_alive_timeout_s)),
+        h11_max_incomplete_event_size=settings.max_header_bytes or None,
     )
     uvicorn.Server(config).run()

@@ -91,7 +91,9 @@ class Gate:
             if length is not None and length > limit:
                 raise errors.body_too_large(limit)
             await self._authenticate(scope)
-            await self.app(scope, _guarded(receive, limit, self.state.settings.body_read_timeout_s), tracking_send)
+            settings = self.state.settings
+            receive = _guarded(receive, limit, settings.body_read_timeout_s, settings.body_total_timeout_s)
+            await self.app(scope, receive, tracking_send)
         except ClientDisconnect:
             return  # nobody left to answer
         except Exception as exc:  # noqa: BLE001 - the last resort: always a JSON error
@@ -157,22 +159,31 @@ def _content_length(scope: Scope) -> int | None:
     return None
 
 
-def _guarded(receive: Receive, limit: int, timeout_s: float) -> Receive:
-    """The app's receive: the body is counted against `limit` (413) and each of its chunks must
-    arrive within `timeout_s` (408). Once the body is complete, receive passes straight through:
-    what comes next is http.disconnect, which inference waits for without a time limit."""
+def _guarded(receive: Receive, limit: int, timeout_s: float, total_s: float = 0.0) -> Receive:
+    """The app's receive: the body is counted against `limit` (413), each of its chunks must arrive
+    within `timeout_s` and all of it within `total_s` of the first read (408; 0: no limit). Once the
+    body is complete, receive passes straight through: what comes next is http.disconnect, which
+    inference waits for without a time limit."""
     received = 0
     complete = False
+    deadline: float | None = None
 
     async def wrapped() -> Message:
-        nonlocal received, complete
+        nonlocal received, complete, deadline
         if complete:
             return await receive()
+        now = anyio.current_time()
+        if deadline is None and total_s > 0:
+            deadline = now + total_s
+        waits = [(timeout_s, timeout_s)] if timeout_s > 0 else []
+        if deadline is not None:
+            waits.append((deadline - now, total_s))
+        wait, reported = min(waits) if waits else (None, 0.0)
         try:
-            with anyio.fail_after(timeout_s if timeout_s > 0 else None):
+            with anyio.fail_after(max(0.0, wait) if wait is not None else None):
                 message: Any = await receive()
         except TimeoutError:
-            raise errors.body_timeout(timeout_s) from None
+            raise errors.body_timeout(reported) from None
         if message["type"] == "http.request":
             received += len(message.get("body", b""))
             if received > limit:

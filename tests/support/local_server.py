@@ -5,6 +5,7 @@
         httpx.get(srv.base_url + "/health")
         srv.rss_bytes(); srv.log_text()              # the child's memory and its log (stderr + stdout)
         srv.console_urls()                           # the page URLs with the admin token it printed
+        srv.proc_stats()                             # rss, fds, sockets, threads from /proc
 
 Without `admin_token` no --admin-token is passed: the server then uses (and on an empty data dir
 creates) <data_dir>/admin-token, and prints the page's URL holding it (server/http/admin_token.py).
@@ -140,6 +141,10 @@ class LocalServer:
                 return int(line.split()[1]) * 1024
         raise RuntimeError("VmRSS not found")
 
+    def proc_stats(self) -> dict[str, int]:
+        """rss (bytes), fds, sockets, threads of the server process now (see proc_stats)."""
+        return proc_stats(self.pid)
+
     def log_text(self) -> str:
         if self._log is not None:
             self._log.flush()
@@ -159,6 +164,25 @@ class LocalServer:
 
     def client(self, **kwargs) -> httpx.Client:
         return httpx.Client(base_url=self.base_url, timeout=kwargs.pop("timeout", 60), **kwargs)
+
+
+def proc_stats(pid: int) -> dict[str, int]:
+    """What a process holds now (Linux /proc): rss (bytes), fds, sockets (fds that are sockets:
+    connections and listeners), threads."""
+    stats = {"rss": 0, "threads": 0}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            stats["rss"] = int(line.split()[1]) * 1024
+        elif line.startswith("Threads:"):
+            stats["threads"] = int(line.split()[1])
+    fds = sockets = 0
+    for fd in os.scandir(f"/proc/{pid}/fd"):
+        fds += 1
+        try:
+            sockets += os.readlink(fd.path).startswith("socket:")
+        except OSError:  # closed meanwhile
+            pass
+    return {**stats, "fds": fds, "sockets": sockets}
 
 
 def create_key_cli(data_dir: Path, key_type: str, *, name: str = "", python: str = sys.executable,
