@@ -16,28 +16,31 @@ body); this wraps uvicorn's own HTTP protocol class (httptools or h11) to bound 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
+from http import HTTPStatus
 from typing import Any
+
+from server.http import errors
 
 log = logging.getLogger(__name__)
 
 RETRY_AFTER_S = 1
 
 
-def _raw_response(status: int, reason: str, message: str, code: int, retry_after: bool = False) -> bytes:
-    body = json.dumps({"message": message, "code": code}).encode()
-    head = [f"HTTP/1.1 {status} {reason}", "content-type: application/json",
+def raw_response(err: errors.ApiError) -> bytes:
+    """`err` as a whole HTTP/1.1 response that closes the connection: written straight to the socket,
+    below the ASGI app (the body is CompreFace's error JSON, errors.ApiError.body)."""
+    body = err.render()
+    head = [f"HTTP/1.1 {err.status} {HTTPStatus(err.status).phrase}", "content-type: application/json",
             f"content-length: {len(body)}", "connection: close"]
-    if retry_after:
-        head.append(f"retry-after: {RETRY_AFTER_S}")
+    head += [f"{name.lower()}: {value}" for name, value in (err.headers or {}).items()]
     return ("\r\n".join(head) + "\r\n\r\n").encode("ascii") + body
 
 
-HEADER_TIMEOUT = _raw_response(408, "Request Timeout", "Request headers were not received in time", 0)
-HEADERS_TOO_LARGE = _raw_response(431, "Request Header Fields Too Large", "Request headers are too large", 0)
-TOO_MANY = _raw_response(503, "Service Unavailable", "Too many open connections, retry later", 60, retry_after=True)
+HEADER_TIMEOUT = raw_response(errors.headers_timeout())
+HEADERS_TOO_LARGE = raw_response(errors.headers_too_large())
+TOO_MANY = raw_response(errors.too_many_connections(RETRY_AFTER_S))
 
 
 def guarded_protocol(base: type, *, header_timeout_s: float, max_header_bytes: int, max_connections: int) -> type:

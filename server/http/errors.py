@@ -57,6 +57,10 @@ class ApiError(Exception):
     def body(self) -> dict[str, Any]:
         return {"message": self.message, "code": self.code}
 
+    def render(self) -> bytes:
+        """The JSON body CompreFace sends: {"message", "code"} in that order."""
+        return orjson.dumps(self.body())
+
     def __repr__(self) -> str:
         return f"ApiError({self.status}, {self.code}, {self.message!r})"
 
@@ -238,6 +242,20 @@ def database_unavailable(retry_after_s: int) -> ApiError:
                     headers={"Retry-After": str(retry_after_s)})
 
 
+def headers_timeout() -> ApiError:
+    """The request line and headers did not arrive in time (server/http/connections.py)."""
+    return ApiError(408, 0, "Request headers were not received in time")
+
+
+def headers_too_large() -> ApiError:
+    return ApiError(431, 0, "Request headers are too large")
+
+
+def too_many_connections(retry_after_s: int) -> ApiError:
+    """Every open connection is inside a request and the cap is reached (server/http/connections.py)."""
+    return ApiError(503, 60, "Too many open connections, retry later", headers={"Retry-After": str(retry_after_s)})
+
+
 def cancelled() -> ApiError:
     """The client went away (499: nginx's "client closed request"); answered all the same, for the
     access log and the metrics."""
@@ -282,7 +300,7 @@ class ErrorResponse(Response):
     middleware (server/metrics.py: facerec_http_errors_total by route, status and code)."""
 
     def __init__(self, err: ApiError, headers: dict[str, str] | None) -> None:
-        super().__init__(orjson.dumps(err.body()), status_code=err.status, media_type="application/json",
+        super().__init__(err.render(), status_code=err.status, media_type="application/json",
                          headers=headers)
         self.code = err.code
 
