@@ -188,6 +188,26 @@ class BulkEnrolment:
         return embed_example(self.pipeline, data, det_prob_threshold=self.det_prob_threshold,
                              max_file_size=self.max_file_size)
 
+    def enrol(self, process: Callable[[T], R], items: Iterable[T], report: "ImportReport",
+              accept: Callable[[R], bool], store: Callable[[list[R]], None],
+              progress: Callable[["ImportReport"], None] | None) -> None:
+        """`process` each item on the pool (pipelined), count it in `report.files`, keep those `accept`
+        takes (it counts the others), and `store` them `batch` at a time; `progress` after every item."""
+        pending: list[R] = []
+        for result in pipelined(process, items, self.workers):
+            report.files += 1
+            if accept(result):
+                pending.append(result)
+            if len(pending) >= self.batch:
+                store(pending)
+                pending = []
+            if progress is not None:
+                progress(report)
+        if pending:
+            store(pending)
+        if progress is not None:
+            progress(report)
+
 
 class Importer(BulkEnrolment):
     """Enrols items into one collection; `run` is blocking and may be called more than once."""
@@ -200,26 +220,20 @@ class Importer(BulkEnrolment):
 
     def run(self, items: Iterable[Item], progress: Callable[[ImportReport], None] | None = None) -> ImportReport:
         report = ImportReport()
-        pending: list[_Result] = []
         started = time.perf_counter()
-        for result in pipelined(self._process, items, self.workers):
-            report.files += 1
+
+        def accept(result: _Result) -> bool:
             if result.reason == "skip":
                 report.skipped += 1
             elif result.reason:
                 report.rejected.append((str(result.item.path), result.reason))
-            else:
-                pending.append(result)
-            if len(pending) >= self.batch:
-                report.added += self._store(pending)
-                pending = []
-            if progress is not None:
-                progress(report)
-        if pending:
-            report.added += self._store(pending)
+            return not result.reason
+
+        def store(results: list[_Result]) -> None:
+            report.added += self._store(results)
+
+        self.enrol(self._process, items, report, accept, store, progress)
         report.seconds = time.perf_counter() - started
-        if progress is not None:
-            progress(report)
         return report
 
     def _process(self, item: Item) -> _Result:

@@ -33,7 +33,7 @@ from typing import Callable, Iterator
 import numpy as np
 
 from server.config import Settings
-from server.core.importer import DEFAULT_WORKERS, BulkEnrolment, ImportReport, open_inference, pipelined
+from server.core.importer import DEFAULT_WORKERS, BulkEnrolment, ImportReport, open_inference
 
 SERVICE_TYPES = {"R": "recognition", "D": "detection", "V": "verification"}  # CompreFace's model.type
 NO_STORED_IMAGE = "no stored image (CompreFace ran with save_images_to_db=false)"
@@ -147,22 +147,15 @@ class Migration(BulkEnrolment):
                 collections[service.key] = collection
                 self._subjects(service, collection, report)
         update = progress(self.source.count_examples(list(collections))) if progress else None
-        pending: list[_Job] = []
-        for job in pipelined(self._embed, self._jobs(services, collections, report, update), self.workers):
-            report.files += 1
+
+        def accept(job: _Job) -> bool:
             if job.reason:
                 report.rejected.append((_where(job.service, job.example), job.reason))
-            else:
-                pending.append(job)
-            if len(pending) >= self.batch:
-                self._store(pending, collections, report)
-                pending = []
-            if update is not None:
-                update(report)
-        self._store(pending, collections, report)
+            return not job.reason
+
+        self.enrol(self._embed, self._jobs(services, collections, report, update), report, accept,
+                   lambda jobs: self._store(jobs, collections, report), update)
         report.seconds = time.perf_counter() - started
-        if update is not None:
-            update(report)
         return report
 
     def _key(self, service: Service, report: MigrationReport) -> str | None:
