@@ -15,6 +15,7 @@ import numpy as np
 import onnx
 import pytest
 
+from benchmarks.pipeline import iou
 from server.inference.onnxruntime import OnnxRuntimeBackend
 from server.modelbuild.mtcnn_onnx import MODEL_NAMES, build_mtcnn_onnx
 from server.modelbuild.sources import mtcnn_weights_file
@@ -265,16 +266,6 @@ def test_rejects_bad_input(detector, backend):
 
 
 # ---------------------------------------------------------------------------- real photos
-def _iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    x1 = np.maximum(a[:, None, 0], b[None, :, 0])
-    y1 = np.maximum(a[:, None, 1], b[None, :, 1])
-    x2 = np.minimum(a[:, None, 2], b[None, :, 2])
-    y2 = np.minimum(a[:, None, 3], b[None, :, 3])
-    inter = np.clip(x2 - x1, 0, None) * np.clip(y2 - y1, 0, None)
-    area = lambda z: (z[:, 2] - z[:, 0]) * (z[:, 3] - z[:, 1])
-    return inter / (area(a)[:, None] + area(b)[None, :] - inter)
-
-
 def test_multi_face_photos_find_every_labelled_face(detector, facedata):
     gt = json.loads((facedata / "detection_gt.json").read_text())
     # dlib's hand-labelled PASCAL VOC group photos (tight boxes: match at IoU >= 0.3).
@@ -285,7 +276,7 @@ def test_multi_face_photos_find_every_labelled_face(detector, facedata):
         truth = np.asarray(gt[name]["boxes"], np.float64)
         det = detector.detect(_read_rgb(facedata / name))
         found = det.boxes[det.probs > 0.85]
-        matched = (_iou(truth, found).max(axis=1) >= 0.3).sum() if len(found) else 0
+        matched = (iou(truth, found).max(axis=1) >= 0.3).sum() if len(found) else 0
         assert matched >= len(truth), f"{name}: {matched} of {len(truth)} faces found"
 
 
