@@ -12,7 +12,7 @@ import csv
 from pathlib import Path
 from typing import Callable
 
-from server.config import Settings
+from server.config import MTCNN_DET_PROB_THRESHOLD, YUNET_DET_PROB_THRESHOLD, Settings
 from server.core.importer import DEFAULT_WORKERS, ImportReport, import_source
 
 SHOWN_REJECTS = 20
@@ -35,7 +35,8 @@ def add_bulk_arguments(p: argparse.ArgumentParser, rejects_help: str) -> None:
     p.add_argument("--workers", type=int, default=DEFAULT_WORKERS,
                    help=f"images in the pipeline at once (default {DEFAULT_WORKERS}: 2 per core)")
     p.add_argument("--batch", type=int, default=64, help="faces per storage transaction (default 64)")
-    p.add_argument("--det-prob-threshold", type=float, help="as the API's parameter (default 0.85)")
+    p.add_argument("--det-prob-threshold", type=float, help="as the API's parameter (default: the detector's, "
+                   f"{YUNET_DET_PROB_THRESHOLD} for YuNet, {MTCNN_DET_PROB_THRESHOLD} for MTCNN)")
     p.add_argument("--rejects", help=rejects_help)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from server.config import Settings
+from server.config import MTCNN_DET_PROB_THRESHOLD, YUNET_DET_PROB_THRESHOLD, Settings
 from server.core.subjects import SUBJECT_NAME_MAX
 
 # ------------------------------------------------------------------------------- parameters
@@ -17,7 +17,7 @@ _P: dict[str, dict[str, Any]] = {
     "prediction_count": {"schema": {"type": "integer", "minimum": 1, "default": 1},
                          "description": "Maximum number of subject predictions per face."},
     "det_prob_threshold": {"schema": {"type": "number", "minimum": 0, "maximum": 1},
-                           "description": "A face is kept only if its probability is greater (default: the detector's, 0.955 for YuNet, 0.85 for MTCNN)."},
+                           "description": f"A face is kept only if its probability is greater (default: the detector's, {YUNET_DET_PROB_THRESHOLD} for YuNet, {MTCNN_DET_PROB_THRESHOLD} for MTCNN)."},
     "face_plugins": {"schema": {"type": "string", "default": ""},
                      "description": "Comma-separated plugins: landmarks, calculator, pose, age, gender, mask."},
     "status": {"schema": {"type": "boolean", "default": False},
