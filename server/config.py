@@ -94,6 +94,11 @@ class Settings:
     max_header_bytes: int = 64 * 1024
     keep_alive_timeout_s: float = 30.0
     max_connections: int = 1000
+    # glibc malloc arenas of the serving process (server/http/app.py, limit_malloc_arenas): glibc's default
+    # (8 per core) gives each new worker thread its own arena, and a burst of requests that grows the
+    # worker pool leaves every arena holding its share of image buffers: RSS rose ~17 MB per slow-client
+    # attack, without end (docs/deployment.md, Memory). 0 keeps glibc's default; MALLOC_ARENA_MAX wins
+    malloc_arenas: int = 2
     # pixels of images held decoded at once, over all requests (~3 bytes each plus working copies;
     # server/vision/decode.py, PixelBudget); one image may have up to 100 MP. 0: no limit
     decode_pixel_budget: int = 200_000_000

@@ -1,6 +1,7 @@
 """What the routes share: the app's parts (filled by the lifespan) and per-request helpers."""
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import dataclass, field
 from functools import partial
@@ -62,19 +63,52 @@ class KeyCache:
 
     Keys created while the server runs (admin API, CLI) therefore work at once; a key deleted
     from another process stops working within `ttl`. Deletions through the admin API evict.
+    Concurrent lookups of one key share one storage call (the first one's): a burst of requests with
+    the same key, e.g. hundreds of connections arriving together, takes one worker thread, not one
+    each (each new thread would grow anyio's pool, up to 40, and the process's memory with it).
     """
 
     def __init__(self, storage: Any, ttl: float = 1.0) -> None:
         self.storage = storage
         self.ttl = ttl
         self._hits: dict[str, tuple[float, Any]] = {}
+        self._pending: dict[str, tuple[anyio.Event, list]] = {}
 
     async def find(self, key: str) -> Any:
         now = time.monotonic()
         cached = self._hits.get(key)
         if cached is not None and now - cached[0] < self.ttl:
             return cached[1]
-        found = await anyio.to_thread.run_sync(self.storage.find_key, key)
+        pending = self._pending.get(key)
+        if pending is not None:
+            done, answer = pending
+            await done.wait()
+            if answer:  # else the lookup was cancelled (its client went away): ask storage ourselves
+                ok, value = answer[0]
+                if ok:
+                    return value
+                # the storage's error (e.g. the database is down): each waiter fails as fast as the
+                # first did, with its own copy, instead of waiting out a lookup of its own
+                try:
+                    err = copy.copy(value)
+                except Exception:  # an exception type that cannot be copied: share it
+                    err = value
+                raise err
+        return await self._lookup(key, now)
+
+    async def _lookup(self, key: str, now: float) -> Any:
+        done, answer = anyio.Event(), []
+        self._pending.setdefault(key, (done, answer))
+        try:
+            found = await anyio.to_thread.run_sync(self.storage.find_key, key)
+            answer.append((True, found))
+        except Exception as exc:
+            answer.append((False, exc))
+            raise
+        finally:
+            if self._pending.get(key, (None,))[0] is done:
+                del self._pending[key]
+            done.set()
         if found is None:
             self._hits.pop(key, None)
         else:

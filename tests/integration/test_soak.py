@@ -1,6 +1,8 @@
 """Soak: 30,000 warm-up and 20,000 measured requests of mixed traffic at 16 users (python -m
 loadtests.soak, a child process that starts its own server child): over the measured ones RSS grows < 5 %, open fds and threads stay flat (+-2),
-the p99 of the last tenth is within 20 % of the first tenth's, and nothing fails. The mix is cheap
+the p99 of the last tenth is within 20 % of the first tenth's (or, where it is not, within 20 % once
+divided by how much slower the machine itself ran then, as timed by a probe process beside the run:
+loadtests/soak.py, PROBE), and nothing fails. The mix is cheap
 (embedding recognition, listings, /health, a few image requests) to fit CI; a longer run:
 FR_SOAK_REQUESTS=1000000 (or `python -m loadtests.soak --requests 1000000`). About 2 minutes on 2
 cores. The warm-up is what the server's allocators take to reach their working size (loadtests/soak.py,
@@ -35,5 +37,6 @@ def test_soak_has_no_leak_or_drift():
     assert summary["rss_growth_pct"] < 5, summary
     assert abs(summary["fds_end"] - summary["fds_start"]) <= 2, summary
     assert abs(summary["threads_end"] - summary["threads_start"]) <= 2, summary
-    assert summary["p99_last_tenth_ms"] <= 1.2 * summary["p99_first_tenth_ms"], summary
+    print("tenths:", json.dumps(summary["tenths"]))
+    assert summary["p99_ratio"] <= 1.2 or summary["p99_drift"] <= 1.2, summary
     assert summary["passed"], summary["reasons"]
