@@ -262,7 +262,8 @@ def evaluate(args, rec: Recorder, samples: list[dict], elapsed: float) -> dict:
         "threads_max": max(s["threads"] for s in after),
         "p50_ms": round(percentile(lat, .5), 1), "p99_ms": round(percentile(lat, .99), 1),
         "p99_first_tenth_ms": round(p99_first, 1), "p99_last_tenth_ms": round(p99_last, 1),
-        "p99_ratio": round(raw_ratio, 3), "machine_slowdown": round(machine, 3), "p99_drift": round(drift, 3), "tenths": tenths,
+        "p99_ratio": round(raw_ratio, 3), "machine_slowdown": round(machine, 3), "p99_drift": round(drift, 3),
+        "tenths": tenths,
         "passed": not reasons, "reasons": reasons, "per_endpoint": rec.per_endpoint,
     }
 

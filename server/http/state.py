@@ -75,9 +75,8 @@ class KeyCache:
         self._pending: dict[str, tuple[anyio.Event, list]] = {}
 
     async def find(self, key: str) -> Any:
-        now = time.monotonic()
         cached = self._hits.get(key)
-        if cached is not None and now - cached[0] < self.ttl:
+        if cached is not None and time.monotonic() - cached[0] < self.ttl:
             return cached[1]
         pending = self._pending.get(key)
         if pending is not None:
@@ -94,9 +93,10 @@ class KeyCache:
                 except Exception:  # an exception type that cannot be copied: share it
                     err = value
                 raise err
-        return await self._lookup(key, now)
+        return await self._lookup(key)
 
-    async def _lookup(self, key: str, now: float) -> Any:
+    async def _lookup(self, key: str) -> Any:
+        now = time.monotonic()  # a hit counts from when storage was asked
         done, answer = anyio.Event(), []
         self._pending.setdefault(key, (done, answer))
         try:
