@@ -14,6 +14,7 @@ covers every change at or below it.
 """
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import re
@@ -38,7 +39,9 @@ _REPLAY_BATCH = 4096
 
 
 class ChangeFeed(Protocol):
-    """Implemented by storage."""
+    """Implemented by storage. An exception whose `transient` attribute is true means the feed cannot
+    be read just now (its database is down or restarting): the index keeps what it has, the caller
+    tries again later. Any other failure to replay (e.g. the changes were pruned) reloads the index."""
 
     def current_sequence(self, collection: str) -> int: ...
 
@@ -61,6 +64,8 @@ class _Entry:
     dirty: int = 0  # changes since the last snapshot
     last_snapshot: float = field(default_factory=time.monotonic)
     dropped: bool = False
+    load_failures: int = 0  # loads that raised; with load_error, the last one's exception
+    load_error: BaseException | None = None
 
 
 class IndexRegistry:
@@ -93,9 +98,19 @@ class IndexRegistry:
         index = entry.index
         if index is not None:
             return index
+        failures = entry.load_failures
         with entry.mutex:
             if entry.index is None:
-                self._load(collection, path, entry)
+                if entry.load_failures != failures:
+                    # the load we waited for failed (e.g. the database is down): fail as fast, with a
+                    # copy of its error, rather than queue one more load behind it
+                    raise _copy_error(entry.load_error)
+                try:
+                    self._load(collection, path, entry)
+                except Exception as e:
+                    entry.load_failures += 1
+                    entry.load_error = e
+                    raise
             return entry.index  # type: ignore[return-value]
 
     def search(self, collection: str, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -214,10 +229,15 @@ class IndexRegistry:
             try:
                 self._sync(collection, entry)
             except Exception as e:  # noqa: BLE001 - e.g. the change log was pruned past us: start over
+                if getattr(e, "transient", False):
+                    raise  # the feed is unreachable now: the index serves on, the caller retries
                 log.warning("index of collection %s cannot catch up (%s); reloading", collection, e)
-                entry.index.cancel_build()
-                entry.index = None
+                old = entry.index
+                # _load replaces entry.index only once the new one is complete: a load that fails
+                # (the storage went away meanwhile) leaves the old index serving searches, rather
+                # than none, which every search would then try to load again under the mutex
                 self._load(collection, self._path(collection), entry)
+                old.cancel_build()
             return entry.synced
 
     def maybe_snapshot(self) -> None:
@@ -360,6 +380,13 @@ class IndexRegistry:
                     os.unlink(p)
                 except OSError:
                     log.warning("cannot remove stale index temp file %s", p)
+
+
+def _copy_error(err: BaseException | None) -> BaseException:
+    try:
+        return copy.copy(err) if err is not None else RuntimeError("loading the index failed")
+    except Exception:  # noqa: BLE001 - an exception type that cannot be copied: share it
+        return err  # type: ignore[return-value]
 
 
 def _apply_batch(index: VectorIndex, pending: dict[int, np.ndarray | None]) -> None:

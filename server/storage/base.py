@@ -68,7 +68,11 @@ class StorageFull(StorageError):
 
 class StorageUnavailable(StorageError):
     """The database cannot be reached now (down, restarting, connections cut): the call did nothing
-    durable that it reported, and may be retried shortly. `retry_after_s`: a hint for clients."""
+    durable that it reported, and may be retried shortly. `retry_after_s`: a hint for clients.
+    `transient`: what the index registry (index/collection.py, ChangeFeed) reads to keep an index
+    serving, rather than rebuild it, when its catch-up cannot reach the database."""
+
+    transient = True
 
     def __init__(self, message: str, retry_after_s: int = 2) -> None:
         super().__init__(message)
