@@ -38,18 +38,18 @@ def layer(module: str, layers: dict[str, int] = LAYERS) -> int | None:
     return best[1] if best else None
 
 
-def module_name(path: Path) -> str:
-    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+def module_name(path: Path, root: Path = ROOT) -> str:
+    parts = list(path.relative_to(root).with_suffix("").parts)
     if parts[-1] == "__init__":
         parts.pop()
     return ".".join(parts)
 
 
-def modules() -> dict[str, Path]:
+def modules(root: Path = ROOT) -> dict[str, Path]:
     found = {}
     for package in PACKAGES:
-        for path in sorted((ROOT / package).rglob("*.py")):
-            found[module_name(path)] = path
+        for path in sorted((root / package).rglob("*.py")):
+            found[module_name(path, root)] = path
     return found
 
 
@@ -88,21 +88,33 @@ def imports_of(name: str, path: Path, known: dict[str, Path]) -> set[str]:
     return out
 
 
+def import_map(root: Path = ROOT) -> dict[str, list[str]]:
+    """Every module of the project and the project modules it imports, sorted."""
+    known = modules(root)
+    return {name: sorted(imports_of(name, path, known)) for name, path in known.items()}
+
+
+def climbing(graph: dict[str, list[str]]) -> list[str]:
+    """The imports that go from a lower layer up to a higher one, as "importer -> imported"."""
+    out = []
+    for name, deps in graph.items():
+        mine = layer(name)
+        out += [f"{name} -> {d}" for d in deps if mine is not None and (layer(d) or 0) > mine]
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--stats", action="store_true", help="totals, and every import that climbs a layer")
     args = parser.parse_args()
     known = modules()
-    edges = 0
-    climbs = []
-    for name, path in known.items():
-        deps = sorted(imports_of(name, path, known))
-        edges += len(deps)
-        mine = layer(name)
-        climbs += [f"{name} -> {d}" for d in deps if mine is not None and (layer(d) or 0) > mine]
-        lines = len(path.read_text().splitlines())
+    graph = import_map()
+    climbs = climbing(graph)
+    for name, deps in graph.items():
+        lines = len(known[name].read_text().splitlines())
         print(f"{name} ({lines}) -> {', '.join(deps) if deps else '-'}")
     if args.stats:
+        edges = sum(len(deps) for deps in graph.values())
         print(f"# {len(known)} modules, {edges} import edges, {len(climbs)} climbing a layer", file=sys.stderr)
         for climb in climbs:
             print(f"#   climbs: {climb}", file=sys.stderr)
