@@ -452,6 +452,69 @@ def run_rect_fit(args: argparse.Namespace) -> dict:
     return report
 
 
+def onet_veto_table(pipeline, facedata: Path, threshold: float, grow: float,
+                    vetoes=(0.0, 0.002, 0.005, 0.01, 0.02, 0.05)) -> dict:
+    """What the O-Net veto (YunetDetector onet_veto) keeps at each veto level, from one pass of YuNet
+    without it: the labelled faces of detection_gt.json (greedy match at IoU 0.4), the false boxes there,
+    the zero-face photos given a box, and every detection (count-only photos included)."""
+    from server.vision.decode import decode_image
+    from server.vision.mtcnn import MtcnnDetector
+
+    second = MtcnnDetector(pipeline.detector.backend, max_side=pipeline.detector.max_side)
+    gt = json.loads((facedata / "detection_gt.json").read_text())
+    labels, opinions, zero_images, seconds = [], [], [], []
+    n_gt = 0
+    for name, info in sorted(gt.items()):
+        count = info.get("face_count")
+        if count is None:
+            continue
+        img = decode_image((facedata / name).read_bytes())
+        boxes = np.array([f.box for f in pipeline.faces(img, det_prob_threshold=threshold, embed=False)],
+                         np.float32).reshape(-1, 4)
+        if info.get("boxes"):
+            n_gt += len(info["boxes"])
+        if len(boxes) == 0:
+            continue
+        t0 = time.perf_counter()
+        prob = second.face_probability([img], [boxes], grow=grow)[0]
+        seconds.append(time.perf_counter() - t0)
+        lab = np.full(len(boxes), -1)  # -1: count-only photo, no boxes to match
+        if info.get("boxes"):
+            lab[:] = 0
+            lab[greedy_match(np.array(info["boxes"], float).reshape(-1, 4), boxes.astype(float), 0.4)] = 1
+        elif count == 0:
+            lab[:] = 0
+            zero_images.append((name, prob))
+        labels.append(lab), opinions.append(prob)
+    lab, prob = np.concatenate(labels), np.concatenate(opinions)
+    rows = []
+    for veto in vetoes:
+        keep = prob >= veto
+        rows.append({"onet_veto": veto, "faces_kept": f"{int((keep & (lab == 1)).sum())}/{int((lab == 1).sum())}",
+                     "recall@0.4": float((keep & (lab == 1)).sum() / max(n_gt, 1)),
+                     "false_kept": f"{int((keep & (lab == 0)).sum())}/{int((lab == 0).sum())}",
+                     "zero_face_images_with_box": sum(bool((p >= veto).any()) for _, p in zero_images),
+                     "detections_dropped": f"{int((~keep).sum())}/{len(prob)}"})
+    faces = np.sort(prob[lab == 1])
+    return {"threshold": threshold, "grow": grow, "rows": rows,
+            "lowest_face_opinions": [round(float(x), 4) for x in faces[:5]],
+            "zero_face_opinions": {n: [round(float(x), 4) for x in p] for n, p in zero_images},
+            "onet_ms_per_image_median": 1000 * float(np.median(seconds)) if seconds else None}
+
+
+def run_onet_veto(args: argparse.Namespace) -> dict:
+    settings = Settings.from_env(model_dir=args.model_dir, batching=False, detector="yunet", yunet_onet_veto=0.0)
+    pipeline = build_inference(settings, batching=False, plugins=False).pipeline
+    report = onet_veto_table(pipeline, Path(args.facedata), settings.face_threshold(), args.grow)
+    print(f"# O-Net's second opinion on YuNet's boxes at det_prob_threshold {report['threshold']} "
+          f"(box grown {args.grow:g}), {args.facedata}/detection_gt.json\n")
+    print(markdown_table(report["rows"], {"recall@0.4": ".4f"}) + "\n")
+    print(f"lowest O-Net probabilities of labelled faces: {report['lowest_face_opinions']}")
+    print(f"zero-face photos' boxes: {report['zero_face_opinions']}")
+    print(f"O-Net second opinion: {report['onet_ms_per_image_median']:.2f} ms per image with a face (median)")
+    return report
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["age-gender"]:  # gender accuracy and ages on the dev photos (benchmarks/age_gender.py)
@@ -483,8 +546,14 @@ def main(argv: list[str] | None = None) -> int:
     f.add_argument("--reference", default=str(DEFAULT_FACEDATA.parents[1] / "reference" / "dlib_reference_faces.npz"))
     f.add_argument("--model-dir", default=None)
     f.add_argument("--out", help="also write the report as JSON")
+    v = sub.add_parser("yunet-onet-veto", help="what YuNet's O-Net veto (FR_YUNET_ONET_VETO) keeps and drops on the "
+                       "dev ground truth, per veto level")
+    v.add_argument("--facedata", default=str(DEFAULT_FACEDATA))
+    v.add_argument("--model-dir", default=None)
+    v.add_argument("--grow", type=float, default=0.2, help="boxes grown by this x their size before O-Net sees them")
+    v.add_argument("--out", help="also write the report as JSON")
     args = parser.parse_args(argv)
-    runs = {"yunet-calibration": run_calibration, "yunet-rect-fit": run_rect_fit}
+    runs = {"yunet-calibration": run_calibration, "yunet-rect-fit": run_rect_fit, "yunet-onet-veto": run_onet_veto}
     report = runs.get(args.what, run_pipeline_bench)(args)
     if args.out:
         Path(args.out).write_text(json.dumps(report, indent=2, default=float))

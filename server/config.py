@@ -53,6 +53,9 @@ class Settings:
     # YuNet: images smaller than max_detect_side are enlarged up to this factor (tiny faces become
     # detectable: docs/benchmarks.md, YuNet upscale); 1 keeps them at their size
     detect_max_upscale: float = 2.0
+    # YuNet: a box that MTCNN's O-Net gives a face probability under this is dropped (a dog's face: YuNet
+    # 0.994, O-Net 0.0025; the dev set's faces >= 0.019: docs/benchmarks.md, YuNet O-Net veto); 0: off
+    yunet_onet_veto: float = 0.005
     det_prob_threshold: float | None = None
     min_face_size: int = 20
     max_detect_side: int = 640

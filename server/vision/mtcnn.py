@@ -90,8 +90,51 @@ class MtcnnDetector:
         self._stage_onet(work)
         return [self._result(w) for w in work]
 
+    def face_probability(self, images: list[np.ndarray], boxes: list[np.ndarray], grow: float = 0.2) -> list[np.ndarray]:
+        """O-Net's probability that each given box holds a face: a second opinion on another detector's
+        boxes (YunetDetector's veto).
+
+        `boxes[i]` are (n, 4) x_min, y_min, x_max, y_max in image i's pixels. Each box is grown by `grow`
+        x its width and height, squared around its centre (the cascade's own boxes are looser than
+        YuNet's) and area-resampled to 48x48 from the image as the cascade sees it (at most `max_side`),
+        exactly like the cascade's last stage; the boxes of all images go into one O-Net call. A box
+        with no pixels inside the image gets 1.0 (no opinion)."""
+        out = [np.ones(len(b), _F32) for b in boxes]
+        crops, owners = [], []
+        for i, (image, b) in enumerate(zip(images, boxes)):
+            if len(b) == 0:
+                continue
+            pixels, scale_x, scale_y = self._detection_pixels(image)
+            b = np.asarray(b, _F32).reshape(-1, 4).copy()
+            b[:, [0, 2]] /= _F32(scale_x)
+            b[:, [1, 3]] /= _F32(scale_y)
+            margin = (b[:, 2:4] - b[:, 0:2]) * _F32(grow / 2)
+            b[:, 0:2] -= margin
+            b[:, 2:4] += margin
+            x0, y0, x1, y1, valid = _clip_boxes(_rerec(b), pixels.shape[1], pixels.shape[0])
+            if not valid.any():
+                continue
+            x0, y0, x1, y1 = x0[valid], y0[valid], x1[valid], y1[valid]
+            # window sums need the integral of the part of the image the boxes cover only
+            left, top = int(x0.min()), int(y0.min())
+            region = _Integral(np.ascontiguousarray(pixels[top : int(y1.max()), left : int(x1.max())]))
+            crops.append(region.crops(x0 - left, y0 - top, x1 - left, y1 - top, 48).transpose(1, 0, 2, 3))
+            owners.append((i, np.flatnonzero(valid)))
+        if crops:
+            prob = self.backend.run(ONET, {_INPUT: np.concatenate(crops)})[_PROB][:, 1]
+            start = 0
+            for i, where in owners:
+                out[i][where] = prob[start : start + len(where)]
+                start += len(where)
+        return out
+
     # ------------------------------------------------------------------ preparation
     def _prepare(self, image: np.ndarray) -> _Image:
+        pixels, scale_x, scale_y = self._detection_pixels(image)
+        return _Image(pixels, _Integral(pixels), scale_x, scale_y)
+
+    def _detection_pixels(self, image: np.ndarray) -> tuple[np.ndarray, float, float]:
+        """The image as the cascade sees it (longest side at most max_side), and its scale back."""
         if not isinstance(image, np.ndarray) or image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
             raise ValueError("expected an HxWx3 uint8 RGB image")
         h, w = image.shape[:2]
@@ -101,7 +144,7 @@ class MtcnnDetector:
             size = (max(1, round(w * ratio)), max(1, round(h * ratio)))
             pixels = cv2.resize(pixels, size, interpolation=cv2.INTER_AREA)
         dh, dw = pixels.shape[:2]
-        return _Image(pixels, _Integral(pixels), w / dw, h / dh)
+        return pixels, w / dw, h / dh
 
     def _scales(self, h: int, w: int) -> list[float]:
         # Same float64 recurrence as facenet-pytorch (the level sizes depend on it).

@@ -193,7 +193,8 @@ def create_detector(settings: Settings, backend: Backend):
     cls = detector_class(settings.detector)
     if settings.detector == "mtcnn":
         return cls(backend, min_face_size=settings.min_face_size, max_side=settings.max_detect_side)
-    return cls(backend, max_side=settings.max_detect_side, max_upscale=settings.detect_max_upscale)
+    return cls(backend, max_side=settings.max_detect_side, max_upscale=settings.detect_max_upscale,
+               onet_veto=settings.yunet_onet_veto)
 
 
 def _at_least(det: Detections, side: float) -> Detections:

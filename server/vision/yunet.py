@@ -19,7 +19,12 @@ images of concurrent requests into one network call, and a TensorRT engine needs
    landmark k = ((c + kx) s, (r + ky) s). These are the decoding rules of OpenCV's FaceDetectorYN.
 3. Cells with score >= `score_floor` are kept, then greedy NMS (IoU > 0.3 suppressed, OpenCV's
    default), then boxes and points are mapped back to the original image (divide by the scale).
-4. `Detections.probs` is the calibrated probability (`calibrate`): the precision measured on the
+4. With `onet_veto` > 0 (FR_YUNET_ONET_VETO, 0.005 in the server), MTCNN's last stage (O-Net, one
+   fixed-shape 48x48 network, batched like YuNet) looks at every box once more
+   (MtcnnDetector.face_probability) and a box it gives a face probability under `onet_veto` is
+   dropped: YuNet scores a dog's face 0.994 on the dev set, O-Net 0.0025, while the lowest of the 106
+   labelled faces there gets 0.019 (docs/benchmarks.md, YuNet O-Net veto).
+5. `Detections.probs` is the calibrated probability (`calibrate`): the precision measured on the
    dev detection ground truth at that raw score, so CompreFace's det_prob_threshold keeps its
    meaning, "probability that a found face is actually a face".
 
@@ -77,10 +82,18 @@ class YunetDetector:
     def __init__(self, backend: Backend, *, max_side: int = 640, score_floor: float = SCORE_FLOOR,
                  nms_iou: float = NMS_IOU, canvases: Sequence[tuple[int, int]] = CANVASES,
                  calibration: tuple[Sequence[float], Sequence[float]] | None = None,
-                 max_upscale: float = 2.0) -> None:
+                 max_upscale: float = 2.0, onet_veto: float = 0.0) -> None:
         big = max(max(c) for c in canvases)
         if not 32 <= max_side <= big or any(h % 32 or w % 32 for h, w in canvases):
             raise ValueError(f"max_side must be 32..{big} and canvas sides multiples of 32")
+        if not 0.0 <= onet_veto < 1.0:
+            raise ValueError("onet_veto must be in [0, 1)")
+        self.onet_veto = float(onet_veto)
+        self._second_opinion = None
+        if self.onet_veto > 0:
+            from server.vision.mtcnn import MtcnnDetector
+
+            self._second_opinion = MtcnnDetector(backend, max_side=max_side)
         self.backend = backend
         self.max_side = max_side
         self.max_upscale = float(max_upscale)
@@ -95,7 +108,19 @@ class YunetDetector:
         return self.detect_batch([image])[0]
 
     def detect_batch(self, images: list[np.ndarray]) -> list[Detections]:
-        return [self._finish(raw) for raw in self._raw_batch(images)]
+        found = [self._finish(raw) for raw in self._raw_batch(images)]
+        return self._veto(images, found) if self._second_opinion is not None else found
+
+    def _veto(self, images: list[np.ndarray], found: list[Detections]) -> list[Detections]:
+        """Drops the boxes that O-Net gives a face probability under onet_veto (step 4)."""
+        if not any(len(d) for d in found):
+            return found
+        opinions = self._second_opinion.face_probability(images, [d.boxes for d in found])
+        out = []
+        for d, p in zip(found, opinions):
+            keep = p >= self.onet_veto
+            out.append(d if keep.all() else Detections(d.boxes[keep], d.probs[keep], d.landmarks[keep]))
+        return out
 
     def raw_scores(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(boxes in image pixels, raw scores) after NMS, before calibration (for calibrating)."""
