@@ -88,9 +88,10 @@ def imports_of(name: str, path: Path, known: dict[str, Path]) -> set[str]:
     return out
 
 
-def import_map(root: Path = ROOT) -> dict[str, list[str]]:
-    """Every module of the project and the project modules it imports, sorted."""
-    known = modules(root)
+def import_map(root: Path = ROOT, known: dict[str, Path] | None = None) -> dict[str, list[str]]:
+    """Every module of the project (`known`: modules(root) when not given) and the project modules it
+    imports, sorted."""
+    known = modules(root) if known is None else known
     return {name: sorted(imports_of(name, path, known)) for name, path in known.items()}
 
 
@@ -108,7 +109,7 @@ def main() -> None:
     parser.add_argument("--stats", action="store_true", help="totals, and every import that climbs a layer")
     args = parser.parse_args()
     known = modules()
-    graph = import_map()
+    graph = import_map(known=known)
     climbs = climbing(graph)
     for name, deps in graph.items():
         lines = len(known[name].read_text().splitlines())

@@ -201,8 +201,7 @@ def _at_least(det: Detections, side: float) -> Detections:
     """The detections whose box is at least `side` px wide (all of them when side <= 0)."""
     if side <= 0 or len(det.boxes) == 0:
         return det
-    keep = (det.boxes[:, 2] - det.boxes[:, 0]) >= side
-    return det if keep.all() else type(det)(det.boxes[keep], det.probs[keep], det.landmarks[keep])
+    return det.select((det.boxes[:, 2] - det.boxes[:, 0]) >= side)
 
 
 def _passes(det: Detections, threshold: float) -> bool:

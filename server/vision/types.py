@@ -31,6 +31,13 @@ class Detections:
     def __len__(self) -> int:
         return int(self.probs.shape[0])
 
+    def select(self, keep: np.ndarray) -> "Detections":
+        """The detections where the boolean mask `keep` is true (self when it keeps them all)."""
+        if keep.all():
+            return self
+        rects = None if self.rects is None else self.rects[keep]
+        return Detections(self.boxes[keep], self.probs[keep], self.landmarks[keep], rects=rects)
+
     @staticmethod
     def empty() -> "Detections":
         return Detections(np.zeros((0, 4), _F32), np.zeros((0,), _F32), np.zeros((0, 5, 2), _F32))

@@ -116,11 +116,7 @@ class YunetDetector:
         if not any(len(d) for d in found):
             return found
         opinions = self._second_opinion.face_probability(images, [d.boxes for d in found])
-        out = []
-        for d, p in zip(found, opinions):
-            keep = p >= self.onet_veto
-            out.append(d if keep.all() else Detections(d.boxes[keep], d.probs[keep], d.landmarks[keep]))
-        return out
+        return [d.select(p >= self.onet_veto) for d, p in zip(found, opinions)]
 
     def raw_scores(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(boxes in image pixels, raw scores) after NMS, before calibration (for calibrating)."""
