@@ -44,6 +44,11 @@ _SQLITE_FULL = 13  # primary result code "database or disk is full"
 _RESERVE_CHUNK = 1 << 20
 _WAL_CHECKPOINT_PAGES = 256
 _WAL_SIZE_LIMIT = 2 << 20
+# page cache per connection, in KiB (SQLite's default is 2,000): there is one connection per worker
+# thread (~30 under load), and each cache fills slowly as that thread reads, so with the default the
+# process's RSS crept up by ~25 MB over the soak's 100,000 requests after warm-up (5.2-6.0 %), with 256
+# by 2.5 % (docs/benchmarks.md, Soak); reads are then served from the OS's file cache
+_CACHE_KIB = 256
 
 log = logging.getLogger(__name__)
 
@@ -266,6 +271,7 @@ class SqliteStorage(SqlStorage):
         con.execute(f"PRAGMA wal_autocheckpoint = {_WAL_CHECKPOINT_PAGES}")
         con.execute(f"PRAGMA journal_size_limit = {_WAL_SIZE_LIMIT}")  # a truncated WAL gives its space back
         con.execute("PRAGMA foreign_keys = OFF")  # deletes are explicit, in dependency order
+        con.execute(f"PRAGMA cache_size = -{_CACHE_KIB}")
         return con
 
     def _con(self) -> sqlite3.Connection:
